@@ -1,0 +1,3 @@
+"""flowercli: sentence in, flower out."""
+
+__version__ = "0.1.0"
