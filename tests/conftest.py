@@ -148,3 +148,49 @@ def tiny_roberta(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     RobertaModel(cfg).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def embedded_dir(dataset_dir, tiny_roberta, tmp_path_factory) -> Path:
+    """A data dir with the miniature dataset and its tiny-RoBERTa embeddings (read-only by convention)."""
+    import shutil
+
+    from flowercli.config import EmbedConfig
+    from flowercli.embed import embed
+
+    root = tmp_path_factory.mktemp("embedded")
+    shutil.copytree(dataset_dir / "oxford102", root / "oxford102")
+    embed(EmbedConfig(data_dir=root, encoder=str(tiny_roberta), batch_size=64, device="cpu"))
+    return root
+
+
+def make_dataset(sources: Path, root: Path) -> Path:
+    """Lay out `<root>/oxford102/` as `flowercli download` leaves it, from `make_sources` files."""
+    import json
+    import shutil
+
+    d = root / "oxford102"
+    d.mkdir(parents=True)
+    with tarfile.open(sources / "102flowers.tgz") as t:
+        t.extractall(d, filter="data")
+    for name in ("imagelabels.mat", "setid.mat"):
+        shutil.copy(sources / name, d / name)
+    unpacked = root / ".captions"
+    with tarfile.open(sources / "captions.tgz") as t:
+        t.extractall(unpacked, filter="data")
+    text_c10 = next(unpacked.rglob("text_c10"))
+    shutil.move(str(text_c10), d / "text_c10")
+    for f in text_c10.parent.glob("*classes.txt"):
+        shutil.move(str(f), d / f.name)
+    shutil.rmtree(unpacked)
+    (d / "classnames.txt").write_text("".join(f"{COLOURS[c][0]} flower\n" for c in range(1, N_CLASSES + 1)))
+    (d / "manifest.json").write_text(json.dumps({"images": N_IMAGES, "classes": N_CLASSES, "synthetic": True}))
+    return root
+
+
+@pytest.fixture(scope="session")
+def dataset_dir(sources_dir, tmp_path_factory) -> Path:
+    """A data dir whose `oxford102/` holds the miniature dataset as `download` writes it
+    (jpg/, .mat files, text_c10/, *classes.txt, classnames.txt, manifest.json).
+    Read-only by convention: copy it (shutil.copytree) before changing anything."""
+    return make_dataset(sources_dir, tmp_path_factory.mktemp("dataset"))
