@@ -1,0 +1,114 @@
+"""One checkpoint format, written atomically, loaded without unpickling code.
+
+A checkpoint is a dict of state dicts and plain data (see DESIGN.md): schema_version,
+flowercli_version, config, step, epoch, G, D, G_ema, opt_G, opt_D, rng, encoder, data.
+It is written to a temporary file in the same folder, fsynced and `os.replace`d, so a kill at any
+moment leaves either the old file or the new one; `torch.load(weights_only=True)` refuses pickles
+that would run code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flowercli import __version__
+from flowercli.errors import CheckpointError
+from flowercli.fsutil import atomic_write
+
+SCHEMA_VERSION = 1
+_STEP_RE = re.compile(r"^step-(\d+)\.pt$")
+
+
+def save_checkpoint(state: dict[str, Any], folder: Path, keep: int) -> Path:
+    """Write `step-NNNNNNN.pt` and point `latest.pt` at it; prune to the newest `keep` step files."""
+    state = {"schema_version": SCHEMA_VERSION, "flowercli_version": __version__, **state}
+    path = folder / f"step-{state['step']:07d}.pt"
+    try:
+        atomic_write(path, lambda f: torch.save(state, f))
+    except OSError as e:
+        raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; the previous checkpoint is intact") from None
+    _link_latest(path)
+    for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def _link_latest(path: Path) -> None:
+    # A hard link costs no second write; renaming it over latest.pt keeps that name atomic too.
+    latest = path.parent / "latest.pt"
+    tmp = path.parent / f".latest.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, latest)
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Step checkpoints in `folder`, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and sanity-check one checkpoint; any problem is a one-line CheckpointError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, foreign pickle, bytes that are no checkpoint at all
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            reason = "it contains Python objects that are not plain weights (refused for safety)"
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a flowercli checkpoint: {reason[:200]}") from None
+    if not isinstance(state, dict) or "G_ema" not in state or "config" not in state:
+        raise CheckpointError(f"{path} is not a flowercli checkpoint (no generator weights or config inside)")
+    if state.get("schema_version") != SCHEMA_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has schema version {state.get('schema_version')}, this flowercli reads {SCHEMA_VERSION}"
+        )
+    return state
+
+
+def load_latest(folder: Path, warn=lambda msg: None, map_location="cpu") -> dict[str, Any] | None:
+    """The newest loadable checkpoint in `folder`, falling back past corrupt ones (with a warning)."""
+    for path in reversed(list_checkpoints(folder)):
+        try:
+            state = load_checkpoint(path, map_location)
+        except CheckpointError as e:
+            warn(f"{e}; trying the previous checkpoint")
+            continue
+        state["_path"] = str(path)
+        return state
+    return None
+
+
+def find_latest_checkpoint(run_dir: Path) -> Path:
+    """The newest step checkpoint of a run (by step number)."""
+    found = list_checkpoints(Path(run_dir) / "checkpoints")
+    if not found:
+        raise CheckpointError(f"run {run_dir} has no checkpoints yet (train it first: flowercli train --run {Path(run_dir).name})")
+    return found[-1]
+
+
+def find_newest_run(runs_dir: Path) -> Path | None:
+    """The run folder under `runs_dir` whose newest checkpoint was written last."""
+    best, best_time = None, -1.0
+    if not Path(runs_dir).is_dir():
+        return None
+    for run in Path(runs_dir).iterdir():
+        ckpts = list_checkpoints(run / "checkpoints")
+        if ckpts and ckpts[-1].stat().st_mtime > best_time:
+            best, best_time = run, ckpts[-1].stat().st_mtime
+    return best

@@ -1,0 +1,188 @@
+"""Prompts in, PNG files out, with the EMA generator of a checkpoint (or the packaged model).
+
+The checkpoint records which encoder made its training vectors (and how they were pooled), so a
+new prompt is embedded the same way without the user saying so. Every image has its own seed:
+image k of `--seed S` uses seed S + k, so `-n 4` gives the first four images of `-n 16`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flowercli.checkpoint import find_latest_checkpoint, find_newest_run, load_checkpoint
+from flowercli.config import GenerateConfig, ModelConfig
+from flowercli.errors import CheckpointError, FlowerError, InputError
+from flowercli.models import Generator
+from flowercli.report import Reporter
+
+MAX_IMAGES = 10_000  # per call; a typo like -n 1000000 should not fill the disk
+PACKAGED = Path(__file__).parent / "pretrained" / "generator.pt"
+
+
+@dataclass
+class LoadedGenerator:
+    G: Generator
+    meta: dict[str, Any]  # split, embeddings, data_dir, encoder (+ whatever the checkpoint says)
+    checkpoint: Path
+    device: torch.device
+    _encoder: Any = field(default=None, repr=False)
+
+    @property
+    def image_size(self) -> int:
+        return self.G.cfg.image_size
+
+    @property
+    def encoder_info(self) -> dict[str, Any]:
+        return self.meta["encoder_info"]
+
+    def text_encoder(self):
+        """The encoder that made the training vectors, loaded on first use."""
+        if self._encoder is None:
+            from flowercli.embed import TextEncoder
+
+            info = self.encoder_info
+            self._encoder = TextEncoder.load(info["encoder"], pooling=info.get("pooling", "mean"),
+                                             max_length=int(info.get("max_length", 128)), device=str(self.device))
+        return self._encoder
+
+    def noise(self, seeds: list[int]) -> torch.Tensor:
+        rows = [torch.randn(self.G.cfg.noise_dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        return torch.stack(rows)
+
+    @torch.inference_mode()
+    def images_from_vectors(self, vectors: np.ndarray, seeds: list[int], batch_size: int = 64) -> np.ndarray:
+        """Raw encoder vectors (n, D) and one seed per image -> uint8 (n, H, W, 3)."""
+        from flowercli.images import to_uint8
+
+        vectors = torch.as_tensor(np.asarray(vectors, dtype=np.float32))
+        if vectors.ndim != 2 or vectors.shape[1] != self.G.cfg.text_dim:
+            raise InputError(f"text vectors of shape {tuple(vectors.shape)} do not fit this generator "
+                             f"({self.G.cfg.text_dim}-d, from {self.encoder_info.get('encoder')})")
+        out = []
+        for i in range(0, len(vectors), batch_size):
+            z = self.noise(seeds[i: i + batch_size]).to(self.device)
+            t = self.G.normalise_text(vectors[i: i + batch_size].to(self.device))
+            out.append(to_uint8(self.G(z, t)[0]))  # CA mean: the caption's most likely condition
+        return np.concatenate(out) if out else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+
+    def embed(self, prompts: list[str], report: Reporter = Reporter()) -> np.ndarray:
+        enc = self.text_encoder()
+        tokens = enc.tokenize(prompts)
+        vectors = enc.encode_tokens(tokens)
+        for p, t in zip(prompts, tokens.truncated):
+            if t:
+                report.warn(f"prompt longer than the encoder's {enc.max_length} tokens was truncated: {p[:60]!r}...")
+        return vectors
+
+    def images_from_prompts(self, prompts: list[str], seeds: list[int], report: Reporter = Reporter()) -> np.ndarray:
+        return self.images_from_vectors(self.embed(prompts, report), seeds)
+
+
+def resolve_checkpoint(checkpoint: Path | None, runs_dir: Path) -> tuple[Path, bool]:
+    """(checkpoint path, is_packaged): the given one, else the newest run's newest, else the packaged model."""
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        if checkpoint.is_dir():  # a run folder is fine too
+            return find_latest_checkpoint(checkpoint), False
+        return checkpoint, False
+    run = find_newest_run(Path(runs_dir))
+    if run is not None:
+        return find_latest_checkpoint(run), False
+    if PACKAGED.is_file():
+        return PACKAGED, True
+    raise CheckpointError(f"no checkpoint found under {runs_dir} and no packaged model; train one "
+                          "(flowercli train) or pass --checkpoint PATH")
+
+
+def load_generator(checkpoint: Path | None = None, device: str = "cpu", runs_dir: Path = Path("runs")) -> LoadedGenerator:
+    from flowercli.train import resolve_device
+
+    dev = resolve_device(device)
+    path, _ = resolve_checkpoint(checkpoint, runs_dir)
+    state = load_checkpoint(path, map_location="cpu")
+    try:
+        mcfg = ModelConfig(**state["config"]["model"])
+        G = Generator(mcfg)
+        G.load_state_dict({k: v.float() for k, v in state["G_ema"].items()})
+    except (TypeError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path} does not match this flowercli's generator: {str(e).splitlines()[0][:200]}") from None
+    G.to(dev).eval()
+    data = state.get("data", {})
+    meta = {"split": data.get("split"), "embeddings": data.get("embeddings"), "data_dir": data.get("data_dir"),
+            "classes": data.get("classes"), "encoder": state["encoder"].get("encoder"), "encoder_info": state["encoder"],
+            "step": state.get("step"), "recipe": state["config"].get("recipe"), "extra": state.get("meta", {})}
+    return LoadedGenerator(G=G, meta=meta, checkpoint=path, device=dev)
+
+
+def check_prompts(prompts: list[str]) -> list[str]:
+    cleaned = []
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise InputError("a prompt is empty; describe the flower, e.g. \"this flower has yellow petals\"")
+        cleaned.append(" ".join(p.split()))
+    return cleaned
+
+
+def generate(cfg: GenerateConfig, report: Reporter = Reporter()) -> list[dict[str, Any]]:
+    """Write one PNG per (prompt, seed) and a grid.png into cfg.out; return one record per image."""
+    from flowercli.images import make_grid, save_png
+
+    if cfg.n < 1 or cfg.n > MAX_IMAGES:
+        raise InputError(f"-n must be between 1 and {MAX_IMAGES}, got {cfg.n}")
+    if cfg.interpolate is None and not cfg.prompts:
+        raise InputError("give at least one prompt, e.g. flowercli generate \"this flower has yellow petals\"")
+    if cfg.interpolate is not None and not 2 <= cfg.steps <= 1000:
+        raise InputError(f"--steps must be between 2 and 1000, got {cfg.steps}")
+    out = Path(cfg.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".flowercli-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise FlowerError(f"cannot write to output folder {out}: {e.strerror}; pick another --out") from None
+
+    path, packaged = resolve_checkpoint(cfg.checkpoint, cfg.runs_dir)
+    if packaged:
+        report.info(f"Using the packaged pretrained generator ({path.name}); pass --checkpoint to use your own")
+    gen = load_generator(path, cfg.device)
+    report.debug(f"checkpoint {path}, encoder {gen.encoder_info.get('encoder')}")
+
+    records: list[dict[str, Any]] = []
+    if cfg.interpolate is not None:
+        a, b = check_prompts(list(cfg.interpolate))
+        va, vb = gen.embed([a, b], report)
+        w = np.linspace(0.0, 1.0, cfg.steps, dtype=np.float32)[:, None]
+        vectors = (1 - w) * va[None] + w * vb[None]
+        images = gen.images_from_vectors(vectors, [cfg.seed] * cfg.steps)  # same noise: only the text moves
+        names = [f"interp{k:03d}.png" for k in range(cfg.steps)]
+        prompts = [f"{1 - float(x):.3f} * {a!r} + {float(x):.3f} * {b!r}" for x in w[:, 0]]
+        seeds = [cfg.seed] * cfg.steps
+        ncol = cfg.steps
+    else:
+        prompts_clean = check_prompts(list(cfg.prompts))
+        vectors = gen.embed(prompts_clean, report)
+        seeds = [cfg.seed + k for k in range(cfg.n)] * len(prompts_clean)
+        prompts = [p for p in prompts_clean for _ in range(cfg.n)]
+        images = gen.images_from_vectors(np.repeat(vectors, cfg.n, axis=0), seeds)
+        many = len(prompts_clean) > 1
+        names = [(f"p{j:03d}-" if many else "") + f"seed{s:04d}.png"
+                 for j in range(len(prompts_clean)) for s in seeds[: cfg.n]]
+        ncol = min(cfg.n, 8) if not many else cfg.n
+    for img, name, prompt, seed in zip(images, names, prompts, seeds):
+        save_png(img, out / name)
+        records.append({"path": str(out / name), "prompt": prompt, "seed": seed, "checkpoint": str(path)})
+    grid = out / "grid.png"
+    save_png(make_grid(images, ncol=ncol), grid)
+    report.debug(f"grid {grid}")
+    return records
+
+
+def write_records_json(records: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)

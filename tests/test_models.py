@@ -1,0 +1,130 @@
+"""Networks and loss math: shapes, determinism, and the formulas against hand computations."""
+
+import pytest
+import torch
+
+from flowercli.config import ModelConfig
+from flowercli.losses import (
+    d_adversarial,
+    diff_augment,
+    ema_decay,
+    ema_update,
+    g_adversarial,
+    kl_divergence,
+    matching_aware_gp,
+    mismatch,
+)
+from flowercli.models import Discriminator, Generator, recalibrate_batchnorm
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+@pytest.mark.parametrize("head", ["aux", "projection", "none"])
+def test_shapes(size, head):
+    cfg = ModelConfig(text_dim=12, n_classes=5, image_size=size, g_channels=8, d_channels=8, cond_dim=6,
+                      cond_aug=True, spectral_norm=head != "aux", d_head=head)
+    G, D = Generator(cfg), Discriminator(cfg)
+    z, t = torch.randn(3, cfg.noise_dim), torch.randn(3, 12)
+    img, mu, logvar = G(z, t, torch.randn(3, 6))
+    assert img.shape == (3, 3, size, size) and img.abs().max() <= 1
+    assert mu.shape == logvar.shape == (3, 6)
+    logit, cls = D(img, t, torch.tensor([0, 1, 4]))
+    assert logit.shape == (3,)
+    assert (cls is not None) == (head == "aux")
+
+
+def test_bad_image_size():
+    with pytest.raises(ValueError):
+        Generator(ModelConfig(image_size=48))
+
+
+def test_cond_aug_uses_mean_without_noise():
+    G = Generator(ModelConfig(text_dim=12, image_size=16, g_channels=8, cond_aug=True)).eval()
+    z, t = torch.randn(2, 100), torch.randn(2, 12)
+    a, b = G(z, t)[0], G(z, t)[0]
+    c = G(z, t, torch.randn(2, 128))[0]
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_projection_depends_on_label():
+    cfg = ModelConfig(text_dim=12, n_classes=4, image_size=16, d_channels=8, d_head="projection", spectral_norm=True)
+    D = Discriminator(cfg).eval()
+    with torch.no_grad():
+        D.embed.weight.normal_()  # projection weights start random anyway; make the effect large
+    x, t = torch.randn(2, 3, 16, 16), torch.randn(2, 12)
+    assert not torch.allclose(D(x, t, torch.tensor([0, 0]))[0], D(x, t, torch.tensor([1, 1]))[0])
+
+
+def test_losses_match_formulas():
+    real, wrong, fake = torch.tensor([2.0, 0.5]), torch.tensor([-0.5, 0.2]), torch.tensor([-2.0, 3.0])
+    hinge = d_adversarial(real, wrong, fake, "hinge")
+    expected = (0 + 0.5) / 2 + 0.5 * ((0.5 + 1.2) / 2 + (0 + 4.0) / 2)
+    assert hinge.item() == pytest.approx(expected)
+    masked = d_adversarial(real, wrong, fake, "hinge", torch.tensor([True, False]))
+    assert masked.item() == pytest.approx(0.25 + 0.5 * (0.5 + 2.0))
+    assert g_adversarial(fake, "hinge").item() == pytest.approx(-0.5)
+    sp = torch.nn.functional.softplus
+    bce = d_adversarial(real, wrong, fake, "bce")
+    assert bce.item() == pytest.approx((sp(-real).mean() + 0.5 * (sp(wrong).mean() + sp(fake).mean())).item(), rel=1e-6)
+    assert g_adversarial(fake, "bce").item() == pytest.approx(sp(-fake).mean().item(), rel=1e-6)
+    with pytest.raises(ValueError):
+        g_adversarial(fake, "wgan")
+
+
+def test_kl_zero_at_standard_normal():
+    assert kl_divergence(torch.zeros(4, 3), torch.zeros(4, 3)).item() == 0
+    assert kl_divergence(torch.ones(1, 2), torch.zeros(1, 2)).item() == pytest.approx(0.5)
+
+
+def test_ma_gp_matches_manual_gradient():
+    w = torch.randn(5)
+    x = torch.randn(3, 5, requires_grad=True)
+    t = torch.randn(3, 2, requires_grad=True)
+    out = (x * w).sum(1) + 3 * t.sum(1)
+    gp = matching_aware_gp(out, x, t, k=2, p=6)
+    norm = torch.cat([w.expand(3, 5), torch.full((3, 2), 3.0)], 1).norm(dim=1)
+    assert gp.item() == pytest.approx((2 * norm.pow(6)).mean().item(), rel=1e-5)
+
+
+def test_mismatch_never_pairs_with_itself():
+    labels = torch.tensor([0, 0, 1, 2, 2, 3, 1, 0])
+    for seed in range(20):
+        idx, mask = mismatch(labels, torch.Generator().manual_seed(seed))
+        assert sorted(idx.tolist()) == list(range(8))
+        assert (idx != torch.arange(8)).all()
+        assert torch.equal(mask, labels[idx] != labels)
+
+
+@pytest.mark.parametrize("policy", ["color", "translation", "cutout", "color,translation,cutout"])
+def test_diffaug_deterministic_and_differentiable(policy):
+    x = torch.randn(4, 3, 16, 16, requires_grad=True)
+    a = diff_augment(x, policy, torch.Generator().manual_seed(1))
+    b = diff_augment(x, policy, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, x)
+    a.sum().backward()
+    assert x.grad is not None
+    assert diff_augment(x, "", torch.Generator()) is x
+
+
+def test_ema_update_and_warmup():
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    before = a.weight.detach().clone()
+    ema_update(a, b, 0.9)
+    assert torch.allclose(a.weight, 0.9 * before + 0.1 * b.weight)
+    assert ema_decay(0, 0.999) == pytest.approx(0.1)
+    assert ema_decay(10**6, 0.999) == 0.999
+
+
+def test_recalibrate_batchnorm_sets_statistics_of_current_weights():
+    cfg = ModelConfig(text_dim=4, image_size=16, g_channels=8)
+    G = Generator(cfg)
+    batches = [(torch.randn(16, 100), torch.randn(16, 4)) for _ in range(3)]
+    recalibrate_batchnorm(G, batches)
+    assert G.training  # mode is restored
+    bn = G.fc_norm
+    # Cumulative average of batch means over the three batches.
+    means = []
+    for z, t in batches:
+        cond = G.cond(t)[0]
+        h = G.fc(torch.cat([cond, z], 1)).view(-1, G.seed_channels, 4, 4)
+        means.append(h.mean(dim=(0, 2, 3)))
+    assert torch.allclose(bn.running_mean, torch.stack(means).mean(0), atol=1e-5)

@@ -1,0 +1,223 @@
+"""Training: every option runs a step, resume is exact, signals save, runs are locked, DDP works."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from flowercli.checkpoint import list_checkpoints, load_checkpoint
+from flowercli.cli import app
+from flowercli.errors import CheckpointError, FlowerError
+from flowercli.train import RunLock, make_config, train
+
+runner = CliRunner()
+TINY = dict(image_size=16, g_channels=8, d_channels=8, cond_dim=8, batch_size=4, log_every=1)
+
+
+def tiny_config(tmp_path, embedded_dir, recipe="modern", **kw):
+    return make_config(recipe, data_dir=embedded_dir, runs_dir=tmp_path / "runs", run="r", **{**TINY, **kw})
+
+
+OPTIONS = {
+    "reference": ("reference", {}),
+    "modern": ("modern", {}),
+    "cond_aug_off": ("modern", {"cond_aug": False}),
+    "bce": ("modern", {"loss": "bce"}),
+    "hinge_reference": ("reference", {"loss": "hinge"}),
+    "spectral_norm_off": ("modern", {"spectral_norm": False}),
+    "ma_gp": ("modern", {"ma_gp": 2.0}),
+    "diffaug_all": ("modern", {"diffaug": "color,translation,cutout"}),
+    "diffaug_off": ("modern", {"diffaug": ""}),
+    "ema_off": ("modern", {"ema": 0.0}),
+    "ttur": ("reference", {"lr_d": 4e-4, "lr_g": 1e-4}),
+    "gan_int": ("modern", {"gan_int": 1.0}),
+    "aux_head": ("modern", {"d_head": "aux"}),
+    "no_head": ("modern", {"d_head": "none"}),
+    "bf16": ("modern", {"precision": "bf16"}),
+    "split_images": ("modern", {"split": "images"}),
+    "split_all": ("modern", {"split": "all"}),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_each_option_runs_one_step(tmp_path, embedded_dir, name):
+    recipe, kw = OPTIONS[name]
+    cfg = tiny_config(tmp_path, embedded_dir, recipe, max_steps=1, **kw)
+    result = train(cfg)
+    assert result.step == 1
+    state = load_checkpoint(result.checkpoint)
+    assert state["config"]["recipe"] == recipe
+    for key, value in kw.items():
+        where = state["config"]["model"] if key in state["config"]["model"] else state["config"]
+        assert where[key] == value
+    line = json.loads((result.run_dir / "log.jsonl").read_text().splitlines()[-1])
+    assert all(map(lambda v: v == v and abs(v) < 1e6, (line["loss_d"], line["loss_g"])))
+    # The generator learned something from its one step (weights moved away from the init).
+    torch.manual_seed(cfg.seed)
+    assert not torch.equal(state["G"]["fc.weight"], state["G_ema"]["fc.weight"]) or cfg.ema == 0
+
+
+def test_run_folder_contents(tmp_path, embedded_dir):
+    result = train(tiny_config(tmp_path, embedded_dir, epochs=2, checkpoint_every=100))
+    run = result.run_dir
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["split"] == "classes" and cfg["classes"] == [1, 2, 3]  # class 4 is the held-out test class
+    assert (run / "samples" / "epoch-0001.png").is_file() and (run / "samples" / "epoch-0002.png").is_file()
+    assert len((run / "samples" / "prompts.txt").read_text().splitlines()) == 8
+    names = [p.name for p in list_checkpoints(run / "checkpoints")]
+    assert names == ["step-0000004.pt", "step-0000008.pt"] and (run / "checkpoints" / "latest.pt").is_file()
+    state = load_checkpoint(run / "checkpoints" / "latest.pt")
+    assert state["step"] == 8 and state["epoch"] == 2
+    assert state["encoder"]["dim"] == 32 and "encoder" in state["encoder"]
+    assert {"torch", "numpy", "python"} <= set(state["rng"])
+
+
+def _assert_same_state(a, b):
+    for key in ("G", "D", "G_ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+    for key in ("opt_G", "opt_D"):
+        for pid, sa in a[key]["state"].items():
+            for k, v in sa.items():
+                assert torch.equal(torch.as_tensor(v), torch.as_tensor(b[key]["state"][pid][k])), f"{key}.{pid}.{k}"
+
+
+@pytest.mark.parametrize("recipe", ["modern", "reference"])
+def test_resume_is_exact(tmp_path, embedded_dir, recipe):
+    straight = train(replace(tiny_config(tmp_path / "a", embedded_dir, recipe, epochs=2, ma_gp=1.0, gan_int=0.5)))
+    half = tiny_config(tmp_path / "b", embedded_dir, recipe, epochs=2, max_steps=3, ma_gp=1.0, gan_int=0.5)
+    train(half)
+    resumed = train(replace(half, max_steps=0, resume=True))
+    assert straight.step == resumed.step == 8
+    _assert_same_state(load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint))
+
+
+def test_existing_run_needs_resume_and_compatible_config(tmp_path, embedded_dir):
+    cfg = tiny_config(tmp_path, embedded_dir, max_steps=2)
+    train(cfg)
+    with pytest.raises(FlowerError, match="--resume"):
+        train(cfg)
+    with pytest.raises(CheckpointError, match="model.g_channels differs"):
+        train(replace(cfg, resume=True, max_steps=4, model=replace(cfg.model, g_channels=16)))
+    with pytest.raises(CheckpointError, match="seed differs"):
+        train(replace(cfg, resume=True, max_steps=4, seed=1))
+
+
+def test_resume_refuses_other_encoder(tmp_path, embedded_dir):
+    import shutil
+
+    from flowercli.data import open_embeddings, write_embeddings
+
+    cfg = tiny_config(tmp_path, embedded_dir, max_steps=2)
+    train(cfg)
+    emb = open_embeddings(cfg.embeddings or next((embedded_dir / "embeddings").glob("*.h5")))
+    other = tmp_path / "other.h5"
+    emb.vectors = emb.vectors[..., :16]
+    emb.attrs = {**emb.attrs, "dim": 16, "encoder": "someone-else"}
+    write_embeddings(other, emb)
+    with pytest.raises(CheckpointError, match="differs|trained on"):
+        train(replace(cfg, resume=True, max_steps=4, embeddings=other))
+    shutil.rmtree(tmp_path / "runs")
+
+
+def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path, embedded_dir):
+    cfg = tiny_config(tmp_path, embedded_dir, epochs=3, max_steps=4, checkpoint_every=2)
+    result = train(cfg)
+    newest = list_checkpoints(result.run_dir / "checkpoints")[-1]
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated
+    from flowercli.report import ListReporter
+
+    rep = ListReporter()
+    resumed = train(replace(cfg, resume=True, max_steps=6), rep)
+    assert resumed.step == 6
+    assert any("corrupt" in m for kind, m in rep.messages if kind == "warn")
+
+
+def test_second_process_is_locked_out(tmp_path, embedded_dir):
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    with RunLock(run_dir):
+        res = runner.invoke(app, ["train", "--data-dir", str(embedded_dir), "--runs-dir", str(tmp_path / "runs"),
+                                  "--run", "r", "--max-steps", "1", "--image-size", "16"])
+    assert res.exit_code == 1
+    assert "in use by another flowercli process" in res.output
+    assert not (run_dir / "checkpoints").exists()
+
+
+def _cli_train_args(embedded_dir, runs, *extra):
+    return [sys.executable, "-m", "flowercli", "train", "--data-dir", str(embedded_dir), "--runs-dir", str(runs),
+            "--run", "sig", "--image-size", "16", "--g-channels", "8", "--d-channels", "8", "--batch-size", "4",
+            "--checkpoint-every", "1000", "-q", *extra]
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_checkpoint_and_exits(tmp_path, embedded_dir, signum, code):
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen(_cli_train_args(embedded_dir, runs, "--epochs", "100000"),
+                            stderr=subprocess.PIPE, text=True)
+    log = runs / "sig" / "log.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (log.is_file() and log.stat().st_size):
+        time.sleep(0.2)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "checkpoint saved" in err and "Traceback" not in err
+    ckpts = list_checkpoints(runs / "sig" / "checkpoints")
+    assert ckpts, "no checkpoint written on signal"
+    step = load_checkpoint(ckpts[-1])["step"]
+    res = subprocess.run(_cli_train_args(embedded_dir, runs, "--resume", "--max-steps", str(step + 1), "--epochs", "100000"),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert load_checkpoint(list_checkpoints(runs / "sig" / "checkpoints")[-1])["step"] == step + 1
+
+
+def run_in_own_group(cmd, timeout, env=None) -> subprocess.CompletedProcess:
+    """Run `cmd`; on timeout kill it with all its children (torchrun's workers), then fail."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s: {err[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def test_ddp_two_cpu_processes(tmp_path, embedded_dir):
+    runs = tmp_path / "runs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "flowercli", "train", "--data-dir", str(embedded_dir), "--runs-dir", str(runs), "--name", "ddp",
+           "--image-size", "16", "--g-channels", "8", "--d-channels", "8", "--batch-size", "2", "--max-steps", "2",
+           "--device", "cpu", "--ma-gp", "1", "-q"]
+    res = run_in_own_group(cmd, timeout=240, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    cfg = json.loads((runs / "ddp" / "config.json").read_text())
+    assert cfg["world_size"] == 2
+    state = load_checkpoint(runs / "ddp" / "checkpoints" / "latest.pt")
+    assert state["step"] == 2
+    assert res.stdout.strip() == str(runs / "ddp" / "checkpoints" / "step-0000002.pt")  # rank 0 alone prints
+
+
+def test_train_cli_json_and_errors(tmp_path, embedded_dir):
+    args = ["train", "--data-dir", str(embedded_dir), "--runs-dir", str(tmp_path / "runs"), "--run", "c",
+            "--image-size", "16", "--g-channels", "8", "--d-channels", "8", "--batch-size", "4", "--max-steps", "1"]
+    res = runner.invoke(app, args + ["--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["step"] == 1 and Path(out["checkpoint"]).is_file()
+    bad = runner.invoke(app, args[:3] + ["--runs-dir", str(tmp_path / "r2"), "--split", "nope"])
+    assert bad.exit_code == 1 and "unknown split" in bad.output
+    missing = runner.invoke(app, ["train", "--data-dir", str(tmp_path / "nothing"), "--runs-dir", str(tmp_path / "r3")])
+    assert missing.exit_code == 1 and "flowercli embed" in missing.output
+    assert "Traceback" not in missing.output
