@@ -98,8 +98,14 @@ class DownloadConfig:
     mirror: str | None = None
     # A captions archive (tar/tgz/zip) path or URL; None = Reed et al. 2016 on Google Drive.
     captions: str | None = None
-    timeout: float = 30.0
+    timeout: float = 30.0  # seconds without data before a request is abandoned and retried
     retries: int = 5
+    retry_wait: float = 1.0  # first back-off in seconds; doubles per failed attempt (capped at 60 s)
+    force: bool = False  # re-extract even when the dataset is complete and verified
+    # Safety limits on what one archive may extract (issue 7): the real images archive unpacks to
+    # ~350 MB and 8,190 members; anything far beyond is a mistake or an archive bomb.
+    max_extract_bytes: int = 4 * 2**30
+    max_members: int = 200_000
 
 
 @dataclass(frozen=True)
@@ -109,5 +115,107 @@ class EmbedConfig:
     pooling: str = "mean"  # mean | cls
     batch_size: int = 256
     device: str = "auto"  # auto | cpu | cuda
-    max_length: int = 128
-    dtype: str = "float16"  # storage precision of the vectors
+    max_length: int = 128  # tokens; cut to what the model accepts
+    dtype: str = "float16"  # storage precision of the vectors: float16 | float32
+    normalise: bool = False  # L2-normalise each caption vector before storing
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The networks and the GAN objective. `recipe_defaults` gives the two named starting points."""
+
+    text_dim: int = 384  # set from the embeddings file
+    n_classes: int = 102  # classes the class head / projection knows (the training classes)
+    image_size: int = 64
+    noise_dim: int = 100
+    cond_dim: int = 128  # every working peer compresses the sentence vector to ~128-d first
+    g_channels: int = 64
+    d_channels: int = 64
+    cond_aug: bool = False  # conditioning augmentation: sample the condition, KL term towards N(0, I)
+    kl_weight: float = 1.0
+    loss: str = "bce"  # bce | hinge
+    spectral_norm: bool = False  # in D; replaces BatchNorm there
+    d_head: str = "aux"  # aux (class head + cross-entropy) | projection | none
+    aux_weight: float = 1.0
+    ma_gp: float = 0.0  # weight of DF-GAN's matching-aware gradient penalty (0 = off)
+    diffaug: str = ""  # DiffAugment policy, e.g. "color,translation,cutout"
+    gan_int: float = 0.0  # weight of the G term on interpolated caption vectors (GAN-INT)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data_dir: Path = Path("data")
+    runs_dir: Path = Path("runs")
+    run: str | None = None  # run name; default: a timestamp
+    embeddings: Path | None = None  # an HDF5 file; default: the only/newest one under <data>/embeddings
+    split: str = "auto"  # auto | classes | images | all
+    epochs: int = 1
+    max_steps: int = 0  # stop after this many steps in total (0 = no limit); for tests and benchmarks
+    batch_size: int = 64
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    ema: float = 0.999  # decay of the EMA generator used for samples and generation (0 = copy G)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast)
+    channels_last: bool = True
+    adam: str = "auto"  # Adam implementation: auto | forloop | foreach | fused (same update, other rounding)
+    threads: int = 0  # torch intra-op threads; 0 = torch's default (one per core)
+    checkpoint_every: int = 500  # steps; a checkpoint is also written at the end of every epoch
+    keep: int = 3  # step checkpoints to keep (latest.pt is extra)
+    sample_every: int = 1  # epochs between sample grids
+    log_every: int = 50  # steps between log.jsonl lines
+    resume: bool = False
+    recipe: str = "modern"
+    model: ModelConfig = ModelConfig()
+
+
+# Named starting points. `reference` is the design this project started from and stays the
+# baseline improvements are measured against; `modern` adds what makes small text GANs converge.
+RECIPES: dict[str, dict[str, dict]] = {
+    "reference": {
+        "model": dict(cond_aug=False, loss="bce", spectral_norm=False, d_head="aux", ma_gp=0.0, diffaug="", gan_int=0.0),
+        "train": dict(lr_g=2e-4, lr_d=2e-4, beta1=0.5, beta2=0.999, ema=0.0),
+    },
+    "modern": {
+        "model": dict(cond_aug=True, loss="hinge", spectral_norm=True, d_head="projection", ma_gp=0.0,
+                      diffaug="color,translation", gan_int=0.0),
+        "train": dict(lr_g=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.9, ema=0.999),
+    },
+}
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    prompts: tuple[str, ...] = ()
+    checkpoint: Path | None = None  # default: newest checkpoint of the newest run, else the packaged model
+    runs_dir: Path = Path("runs")
+    out: Path = Path("out")
+    n: int = 16
+    seed: int = 0
+    device: str = "auto"
+    interpolate: tuple[str, str] | None = None
+    steps: int = 8
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The evaluation protocol of docs/EVALUATION.md; the defaults ARE the protocol."""
+
+    data_dir: Path | None = None  # None: the data directory the run trained on
+    out_dir: Path | None = None  # where report.json and samples.png go (<run>/eval); None: write nothing
+    n: int = 2048  # generated images from the evaluated split's captions (FID, class accuracy)
+    n_other: int = 512  # generated images from the other split's captions (its class accuracy only)
+    seed: int = 0
+    split: str = "test"  # test | train: which side of the run's split is evaluated
+    batch_size: int = 64
+    device: str = "cpu"
+    inception: Path | None = None  # None: $FLOWERCLI_INCEPTION, the offline wheel, then NVIDIA's download
+    precision: str = "auto"  # auto | fp32 | bf16 for the Inception pass (auto: bf16 only where native)
+    allow_download: bool = True
+    colour_seeds: int = 8  # images per (colour, phrasing) prompt
+    classifier_holdout: float = 0.2  # fraction of each class's real images held out from the probe
+    classifier_seed: int = 0
+    sheet: int = 32  # generated images on samples.png
