@@ -1,0 +1,12 @@
+"""Evaluation of a trained generator: FID, class accuracy and colour agreement.
+
+- `features`: the FID Inception network (found offline or downloaded), the TF1-compatible resize,
+  images -> 2048-d pool features.
+- `fid`: features -> (mu, sigma) -> Frechet distance (pure functions).
+- `accuracy`: a linear classifier trained on real-image features; top-k accuracy.
+- `colour`: the dominant petal colour of an image and the colour words of a caption.
+- `cache`: keyed, atomically written `.npz` files under `<data>/cache/eval/`.
+- `evaluate`: the protocol of docs/EVALUATION.md, tying the above together.
+
+Nothing here imports torch at package import time; each module imports what it needs.
+"""
