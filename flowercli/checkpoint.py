@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 
 from flowercli import __version__
 from flowercli.errors import CheckpointError
-from flowercli.fsutil import atomic_write
+from flowercli.fsutil import atomic_write, os_error_text, temp_name
 
 SCHEMA_VERSION = 1
 _STEP_RE = re.compile(r"^step-(\d+)\.pt$")
@@ -30,9 +31,10 @@ def save_checkpoint(state: dict[str, Any], folder: Path, keep: int) -> Path:
     path = folder / f"step-{state['step']:07d}.pt"
     try:
         atomic_write(path, lambda f: torch.save(state, f))
+        _link_latest(path)
     except OSError as e:
-        raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; the previous checkpoint is intact") from None
-    _link_latest(path)
+        raise CheckpointError(f"could not write checkpoint {path}: {os_error_text(e)}; "
+                              "the previous checkpoint is intact") from None
     for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return path
@@ -41,15 +43,19 @@ def save_checkpoint(state: dict[str, Any], folder: Path, keep: int) -> Path:
 def _link_latest(path: Path) -> None:
     # A hard link costs no second write; renaming it over latest.pt keeps that name atomic too.
     latest = path.parent / "latest.pt"
-    tmp = path.parent / f".latest.{os.getpid()}.tmp"
+    tmp = path.parent / temp_name(latest)
     tmp.unlink(missing_ok=True)
     try:
-        os.link(path, tmp)
-    except OSError:
-        import shutil
+        try:
+            os.link(path, tmp)
+        except OSError:
+            import shutil
 
-        shutil.copyfile(path, tmp)
-    os.replace(tmp, latest)
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, latest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # latest.pt itself still names the previous checkpoint
+        raise
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
@@ -65,24 +71,54 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): it was never written completely; "
+                              "use an earlier checkpoint")
+    _check_crc(path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's notes ("pickle protocol 5 ...") would break the one line
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, bytes that are no checkpoint at all
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             reason = "it contains Python objects that are not plain weights (refused for safety)"
         raise CheckpointError(f"checkpoint {path} is corrupt or not a flowercli checkpoint: {reason[:200]}") from None
     if not isinstance(state, dict) or "G_ema" not in state or "config" not in state:
-        raise CheckpointError(f"{path} is not a flowercli checkpoint (no generator weights or config inside)")
+        raise CheckpointError(f"{path} is not a flowercli checkpoint (no generator weights or config inside); "
+                              "pass a file written by flowercli train")
     if state.get("schema_version") != SCHEMA_VERSION:
         raise CheckpointError(
-            f"checkpoint {path} has schema version {state.get('schema_version')}, this flowercli reads {SCHEMA_VERSION}"
+            f"checkpoint {path} has schema version {state.get('schema_version')}, this flowercli reads {SCHEMA_VERSION}; "
+            "use the flowercli version that wrote it, or train again"
         )
     return state
 
 
+def _check_crc(path: Path) -> None:
+    """torch.load does not check the zip's CRC32s: damaged weight bytes would load as wrong numbers.
+
+    Reading the file once more costs ~0.3 s per 100 MB; files that are no zip at all are left to
+    torch.load to report.
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except Exception:  # not a zip, or too damaged to list: torch.load says what is wrong
+        return
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {bad} fails its CRC check (damaged on disk or "
+                              "in a copy); use an earlier checkpoint")
+
+
 def load_latest(folder: Path, warn=lambda msg: None, map_location="cpu") -> dict[str, Any] | None:
-    """The newest loadable checkpoint in `folder`, falling back past corrupt ones (with a warning)."""
+    """The newest loadable checkpoint in `folder`, falling back past corrupt ones (with a warning).
+
+    Also points latest.pt at it again: a kill between writing a step file and relinking
+    latest.pt leaves latest.pt one checkpoint behind (whole, but stale).
+    """
     for path in reversed(list_checkpoints(folder)):
         try:
             state = load_checkpoint(path, map_location)
@@ -90,6 +126,12 @@ def load_latest(folder: Path, warn=lambda msg: None, map_location="cpu") -> dict
             warn(f"{e}; trying the previous checkpoint")
             continue
         state["_path"] = str(path)
+        latest = Path(folder) / "latest.pt"
+        try:
+            if not (latest.exists() and os.path.samefile(latest, path)):
+                _link_latest(path)
+        except OSError:
+            pass  # a read-only run folder: resuming still works, latest.pt stays as it was
         return state
     return None
 

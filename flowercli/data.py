@@ -232,12 +232,15 @@ def write_embeddings(path: Path, emb: Embeddings) -> Path:
     """
     import h5py
 
+    from flowercli.fsutil import remove_stale_temporaries, temp_name
+
     _check_shapes(emb)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(temp_name(path))
     text = h5py.string_dtype("utf-8")
+    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with h5py.File(tmp, "w") as f:
             f.create_dataset("captions", data=np.array(emb.captions, dtype=object), dtype=text)
             f.create_dataset("vectors", data=emb.vectors)
@@ -253,10 +256,22 @@ def write_embeddings(path: Path, emb: Embeddings) -> Path:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        for folder in made:  # a failed write leaves no empty folder either
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        if isinstance(e, OSError):  # disk full, read-only folder, a file in the way: the user's to fix
+            from flowercli.errors import FlowerError
+            from flowercli.fsutil import os_error_text
+
+            kept = "the previous file is intact" if path.is_file() else "nothing was written"
+            raise FlowerError(f"cannot write embeddings file {path}: {os_error_text(e)}; {kept}") from None
         raise
     _fsync_dir(path.parent)
+    remove_stale_temporaries(path.parent)  # left by writers that were killed
     return path
 
 

@@ -94,6 +94,15 @@ def download(cfg: DownloadConfig, report: Reporter = Reporter()) -> dict:
     """
     layout = DataLayout(Path(cfg.data_dir))
     request = _request(cfg)
+    fresh = [p for p in (layout.root, layout.downloads) if not p.exists()]
+    try:
+        return _download(cfg, layout, request, report)
+    except BaseException:
+        _remove_if_unused(fresh, layout)
+        raise
+
+
+def _download(cfg: DownloadConfig, layout: DataLayout, request: dict, report: Reporter) -> dict:
     try:
         layout.root.mkdir(parents=True, exist_ok=True)
         layout.downloads.mkdir(parents=True, exist_ok=True)
@@ -117,6 +126,26 @@ def download(cfg: DownloadConfig, report: Reporter = Reporter()) -> dict:
         raise
     except OSError as e:  # file-system trouble (network errors are handled inside _Http)
         raise FlowerError(_os_error_message(e, layout.root)) from e
+
+
+def _remove_if_unused(fresh: list[Path], layout: DataLayout) -> None:
+    """A run that failed before fetching anything (bad --mirror, ...) leaves no empty data folder.
+
+    Only the folders this run created, and only while they hold nothing but our lock file.
+    """
+    if layout.downloads in fresh:
+        try:
+            with _lock(layout):  # refuses while another download works here
+                if {p.name for p in layout.downloads.iterdir()} <= {".lock"}:
+                    (layout.downloads / ".lock").unlink(missing_ok=True)
+                    layout.downloads.rmdir()
+        except (OSError, FlowerError):
+            return  # something else is there now, or someone else is: keep it
+    if layout.root in fresh:
+        try:
+            layout.root.rmdir()  # fails, harmlessly, unless empty
+        except OSError:
+            pass
 
 
 def summary(manifest: dict, layout: DataLayout) -> dict:
@@ -678,6 +707,7 @@ def _tar_members(path: Path) -> Iterator[_Member]:
             try:
                 m = next(it)
             except StopIteration:
+                _drain(tar.fileobj)
                 return
             except _READ_ERRORS as e:
                 raise _Corrupt(_one_line(e)) from None
@@ -696,6 +726,19 @@ def _tar_members(path: Path) -> Iterator[_Member]:
             else:
                 kind = "special file"
             yield m.name, kind, m.size, m.linkname, (lambda m=m: tar.extractfile(m))  # type: ignore[misc]
+
+
+def _drain(fileobj: BinaryIO) -> None:
+    """Read a tar's compressed stream to its very end.
+
+    tarfile stops at the end-of-archive blocks, before the gzip/bz2/xz trailer whose CRC covers
+    every byte: without this, damage inside a stored (incompressible) member goes unnoticed.
+    """
+    try:
+        while fileobj.read(_CHUNK):
+            pass
+    except _READ_ERRORS as e:
+        raise _Corrupt(_one_line(e)) from None
 
 
 def _zip_members(path: Path) -> Iterator[_Member]:
@@ -1169,4 +1212,9 @@ def _os_error_message(e: OSError, root: Path) -> str:
                 "(finished downloads are kept)")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write {where} ({e.strerror}); choose a writable --data-dir"
-    return f"{e.strerror or e} ({where})"
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):
+        from flowercli.fsutil import nearest_existing
+
+        blocker = nearest_existing(Path(where))
+        return f"cannot write {where}: {blocker} is a file, not a folder; choose another --data-dir"
+    return f"{e.strerror or e} ({where}); check the --data-dir folder"

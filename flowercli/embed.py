@@ -23,6 +23,7 @@ import numpy as np
 from flowercli import __version__
 from flowercli.config import ENCODER_ALIASES, DataLayout, EmbedConfig
 from flowercli.errors import EncoderError, InputError
+from flowercli.fsutil import check_writable_dir
 from flowercli.report import Reporter
 
 POOLINGS = ("mean", "cls")
@@ -119,7 +120,8 @@ def resolve_encoder(name: str, connect_timeout: float = 3.0) -> str:
     if path.is_dir():
         return str(path.resolve())
     if path.exists():
-        raise EncoderError(f"encoder '{name}' is a file, not a model folder (config.json, tokenizer, weights)")
+        raise EncoderError(f"encoder '{name}' is a file, not a model folder; give the folder that holds its "
+                           "config.json, tokenizer and weights")
     if name.startswith((".", "/", "~")) or "\\" in name or not _HF_ID.match(name):
         raise EncoderError(f"encoder folder '{name}' does not exist; {_ALTERNATIVES}, or a Hugging Face model id")
     cached = _from_hf_cache(name)
@@ -340,6 +342,10 @@ def embed(cfg: EmbedConfig, report: Reporter = Reporter()) -> Path:
     _validate(cfg)
     layout = DataLayout(Path(cfg.data_dir))
     data.require_dataset(layout)
+    out_path = layout.embeddings_file(cfg.encoder)
+    # Before the minutes of embedding, not after: a folder we cannot write fails now.
+    check_writable_dir(out_path.parent, f"the embeddings folder {out_path.parent}",
+                       "move what is in the way or choose another --data-dir")
     encoder_path = resolve_encoder(cfg.encoder)  # fails in seconds when the weights are out of reach
     labels = data.read_labels(layout)
     image_ids = np.arange(1, len(labels) + 1, dtype=np.int64)
@@ -381,7 +387,7 @@ def embed(cfg: EmbedConfig, report: Reporter = Reporter()) -> Path:
     emb = data.Embeddings(path=None, captions=[list(c) for c in padded], vectors=vectors,
                           n_captions=np.array(n_real, dtype=np.int64), labels=labels, image_ids=image_ids,
                           split=split, class_split=class_split, attrs=attrs)
-    out = data.write_embeddings(layout.embeddings_file(cfg.encoder), emb)
+    out = data.write_embeddings(out_path, emb)
     report.info(f"Wrote {out}: vectors {vectors.shape} {cfg.dtype}, {len(flat) / max(seconds, 1e-9):.0f} captions/s "
                 f"({len(uniq)} distinct embedded in {seconds:.1f} s; total {time.perf_counter() - t0:.1f} s)")
     return out

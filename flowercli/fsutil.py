@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
+
+# Temp files are named ".<final name>.pid<N>.<anything>tmp", so that a later writer can tell the
+# leftovers of a killed process (SIGKILL, power loss: no chance to clean up) from a live writer's.
+_TEMP_PID = re.compile(r"^\..*\.pid(\d+)\.(?:[^.]*\.)?tmp$")
+
+
+def temp_name(path: Path) -> str:
+    """The name a writer of `path` uses for its temp file (the form remove_stale_temporaries knows)."""
+    return f".{path.name}.pid{os.getpid()}.tmp"
 
 
 def atomic_write(path: Path, write) -> None:
     """Call `write(file_object)` on a temp file beside `path`, then rename it into place.
 
-    On any error the temp file is removed and the previous `path` (if any) is untouched.
+    On any error the temp file is removed and the previous `path` (if any) is untouched. After a
+    success, temp files that killed writers left in the same folder are removed.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.pid{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp makes the file private (0600); give it the permissions a plain open() would.
         umask = os.umask(0)
@@ -31,6 +42,39 @@ def atomic_write(path: Path, write) -> None:
             pass
         raise
     fsync_dir(path.parent)
+    remove_stale_temporaries(path.parent)
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete temp files in `folder` whose writer process is gone; return them.
+
+    A temp file of a process that still runs is another writer at work and is left alone.
+    """
+    removed = []
+    try:
+        candidates = list(Path(folder).glob(".*.tmp"))
+    except OSError:
+        return removed
+    for tmp in candidates:
+        m = _TEMP_PID.match(tmp.name)
+        if not m or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+            continue
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
 
 
 def fsync_dir(folder: Path) -> None:
@@ -44,3 +88,36 @@ def fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path` itself, or the closest of its parents that exists (what a mkdir would start from)."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def check_writable_dir(folder: Path, what: str, fix: str) -> None:
+    """Fail now, before any slow work, when `folder` cannot be created or written to.
+
+    Creates nothing: a command that then fails for another reason leaves no empty folder behind.
+    `what` names the folder for the user ("output folder out/"), `fix` says what to do instead.
+    """
+    from flowercli.errors import FlowerError
+
+    base = nearest_existing(Path(folder))
+    if not base.is_dir():
+        raise FlowerError(f"cannot write to {what}: {base} is a file, not a folder; {fix}")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise FlowerError(f"cannot write to {what}: {base} is not writable; {fix}")
+
+
+def os_error_text(e: OSError) -> str:
+    """An OSError as a short phrase ("No space left on device"), with the advice that fits it."""
+    import errno
+
+    text = e.strerror or " ".join(str(e).split())[:200] or type(e).__name__
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return f"{text} (free some space and run it again)"
+    return text
