@@ -18,7 +18,7 @@ from rich.console import Console
 
 from flowercli import __version__
 from flowercli.config import DATA_DIR_ENV, RUNS_DIR_ENV, default_data_dir, default_runs_dir
-from flowercli.errors import FlowerError
+from flowercli.errors import FlowerError, Interrupted
 from flowercli.report import Reporter, Task
 
 app = typer.Typer(
@@ -105,7 +105,9 @@ def handle_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except FlowerError as e:
             err = Console(stderr=True, highlight=False, soft_wrap=True)
-            err.print(f"Error: {e}", markup=False, style="red")
+            # A signal-stopped run saved its work: not an error, but still a non-zero exit.
+            prefix = "Stopped" if isinstance(e, Interrupted) else "Error"
+            err.print(f"{prefix}: {e}", markup=False, style="red")
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             Console(stderr=True).print("Interrupted.", markup=False)
@@ -389,9 +391,10 @@ def generate(
         try:
             raw = prompts_file.read_bytes().decode("utf-8")
         except OSError as e:
-            raise InputError(f"cannot read --prompts-file {prompts_file}: {e.strerror}") from None
+            raise InputError(f"cannot read --prompts-file {prompts_file}: {e.strerror}; check the path") from None
         except UnicodeDecodeError:
-            raise InputError(f"--prompts-file {prompts_file} is not UTF-8 text") from None
+            raise InputError(f"--prompts-file {prompts_file} is not UTF-8 text; save it as UTF-8 "
+                             "(e.g. iconv -t UTF-8)") from None
         all_prompts += [line for line in raw.splitlines() if line.strip()]
     pair = None
     if interpolate:

@@ -207,13 +207,13 @@ class EvalConfig:
     data_dir: Path | None = None  # None: the data directory the run trained on
     out_dir: Path | None = None  # where report.json and samples.png go (<run>/eval); None: write nothing
     n: int = 2048  # generated images from the evaluated split's captions (FID, class accuracy)
-    n_other: int = 512  # generated images from the other split's captions (its class accuracy only)
+    n_other: int = 256  # generated images from the other side's captions (their class accuracy only)
     seed: int = 0
     split: str = "test"  # test | train: which side of the run's split is evaluated
     batch_size: int = 64
     device: str = "cpu"
     inception: Path | None = None  # None: $FLOWERCLI_INCEPTION, the offline wheel, then NVIDIA's download
-    precision: str = "auto"  # auto | fp32 | bf16 for the Inception pass (auto: bf16 only where native)
+    precision: str = "fp32"  # fp32 | bf16 | auto (bf16 where native) for the Inception pass; fp32 = comparable FID
     allow_download: bool = True
     colour_seeds: int = 8  # images per (colour, phrasing) prompt
     classifier_holdout: float = 0.2  # fraction of each class's real images held out from the probe

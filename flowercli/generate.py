@@ -17,7 +17,8 @@ import torch
 
 from flowercli.checkpoint import find_latest_checkpoint, find_newest_run, load_checkpoint
 from flowercli.config import GenerateConfig, ModelConfig
-from flowercli.errors import CheckpointError, FlowerError, InputError
+from flowercli.errors import CheckpointError, EncoderError, FlowerError, InputError
+from flowercli.fsutil import check_writable_dir, os_error_text
 from flowercli.models import Generator
 from flowercli.report import Reporter
 
@@ -47,8 +48,15 @@ class LoadedGenerator:
             from flowercli.embed import TextEncoder
 
             info = self.encoder_info
-            self._encoder = TextEncoder.load(info["encoder"], pooling=info.get("pooling", "mean"),
-                                             max_length=int(info.get("max_length", 128)), device=str(self.device))
+            try:
+                self._encoder = TextEncoder.load(info["encoder"], pooling=info.get("pooling", "mean"),
+                                                 max_length=int(info.get("max_length", 128)), device=str(self.device))
+            except EncoderError as e:
+                # The loader's advice (--encoder ...) is for `embed`; here the checkpoint fixes the encoder.
+                why = str(e).split(";")[0]
+                raise EncoderError(f"cannot embed the prompt with the encoder checkpoint {self.checkpoint} was "
+                                   f"trained with ({why}); make {info['encoder']} available again (the same "
+                                   "folder or Hugging Face id) or use another --checkpoint") from None
         return self._encoder
 
     def noise(self, seeds: list[int]) -> torch.Tensor:
@@ -73,8 +81,16 @@ class LoadedGenerator:
 
     def embed(self, prompts: list[str], report: Reporter = Reporter()) -> np.ndarray:
         enc = self.text_encoder()
+        if enc.dim != self.G.cfg.text_dim:
+            # The checkpoint names an encoder that is not the one its generator was trained with
+            # (a replaced model folder, an edited file): fail before making meaningless images.
+            raise EncoderError(f"encoder {self.encoder_info.get('encoder')} gives {enc.dim}-d vectors but checkpoint "
+                               f"{self.checkpoint} was trained on {self.G.cfg.text_dim}-d ones; use the encoder the "
+                               "run was trained with (see its config.json) or another --checkpoint")
         tokens = enc.tokenize(prompts)
         vectors = enc.encode_tokens(tokens)
+        if self.encoder_info.get("normalised"):  # embedded with --normalise: new prompts the same way
+            vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)
         for p, t in zip(prompts, tokens.truncated):
             if t:
                 report.warn(f"prompt longer than the encoder's {enc.max_length} tokens was truncated: {p[:60]!r}...")
@@ -111,7 +127,9 @@ def load_generator(checkpoint: Path | None = None, device: str = "cpu", runs_dir
         G = Generator(mcfg)
         G.load_state_dict({k: v.float() for k, v in state["G_ema"].items()})
     except (TypeError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint {path} does not match this flowercli's generator: {str(e).splitlines()[0][:200]}") from None
+        why = " ".join(str(e).split())[:240]  # torch's message spans lines; the keys are on the second
+        raise CheckpointError(f"checkpoint {path} does not match this flowercli's generator ({why}); "
+                              "use a checkpoint written by this version of flowercli train") from None
     G.to(dev).eval()
     data = state.get("data", {})
     meta = {"split": data.get("split"), "embeddings": data.get("embeddings"), "data_dir": data.get("data_dir"),
@@ -140,13 +158,8 @@ def generate(cfg: GenerateConfig, report: Reporter = Reporter()) -> list[dict[st
     if cfg.interpolate is not None and not 2 <= cfg.steps <= 1000:
         raise InputError(f"--steps must be between 2 and 1000, got {cfg.steps}")
     out = Path(cfg.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".flowercli-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise FlowerError(f"cannot write to output folder {out}: {e.strerror}; pick another --out") from None
+    # Checked now but created only when the images exist: a failure in between leaves no empty folder.
+    check_writable_dir(out, f"output folder {out}", "pick another --out")
 
     path, packaged = resolve_checkpoint(cfg.checkpoint, cfg.runs_dir)
     if packaged:
@@ -175,11 +188,29 @@ def generate(cfg: GenerateConfig, report: Reporter = Reporter()) -> list[dict[st
         names = [(f"p{j:03d}-" if many else "") + f"seed{s:04d}.png"
                  for j in range(len(prompts_clean)) for s in seeds[: cfg.n]]
         ncol = min(cfg.n, 8) if not many else cfg.n
-    for img, name, prompt, seed in zip(images, names, prompts, seeds):
-        save_png(img, out / name)
-        records.append({"path": str(out / name), "prompt": prompt, "seed": seed, "checkpoint": str(path)})
     grid = out / "grid.png"
-    save_png(make_grid(images, ncol=ncol), grid)
+    made = [p for p in (out, *out.parents) if not p.exists()]  # folders this call creates
+    written: list[Path] = []
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for img, name, prompt, seed in zip(images, names, prompts, seeds):
+            save_png(img, out / name)
+            written.append(out / name)
+            records.append({"path": str(out / name), "prompt": prompt, "seed": seed, "checkpoint": str(path)})
+        save_png(make_grid(images, ncol=ncol), grid)
+    except BaseException as e:
+        # All or nothing: a half set of images (disk full, Ctrl-C) is removed with the folders it needed.
+        for p in written:
+            p.unlink(missing_ok=True)
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        if isinstance(e, OSError):
+            raise FlowerError(f"cannot write images to {out}: {os_error_text(e)}; nothing was kept, "
+                              "pick another --out") from None
+        raise
     report.debug(f"grid {grid}")
     return records
 

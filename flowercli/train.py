@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import random
+import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, replace
@@ -30,8 +31,9 @@ from flowercli import __version__
 from flowercli.checkpoint import load_latest, save_checkpoint
 from flowercli.config import RECIPES, DataLayout, ModelConfig, TrainConfig
 from flowercli.errors import CheckpointError, DataError, FlowerError, InputError, Interrupted
-from flowercli.fsutil import atomic_write
+from flowercli.fsutil import atomic_write, nearest_existing
 from flowercli.losses import (
+    DIFFAUG_NAMES,
     d_adversarial,
     diff_augment,
     ema_decay,
@@ -217,10 +219,26 @@ def resolve_adam(name: str, device: torch.device) -> str:
 
 
 def resolve_threads(n: int) -> int:
-    """torch intra-op threads for the run; 0 keeps torch's default (one per physical core)."""
+    """torch intra-op threads for the run; 0 keeps torch's default (one per physical core).
+
+    Not chosen from the machine's load: the thread count changes float rounding (CPU results are
+    bit-exact only for the same count), and a seed must repeat a run. On a machine whose cores are
+    busy with other work, fewer threads than cores is faster (bench/train_speed.py measures it).
+    """
     if n < 0:
-        raise InputError(f"--threads must be 0 (default) or more, got {n}")
+        raise InputError(f"--threads must be 0 (torch's default) or more, got {n}")
     return n or torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to `n` for the block, and restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(old)
 
 
 def _cpu_has(flag: str) -> bool:
@@ -483,8 +501,10 @@ def train_step(nets: Nets, b: Batch, g: torch.Generator, mcfg: ModelConfig,
             out_real, out_wrong, out_fake = out.float().chunk(3)
             cls_real, cls_wrong, cls_fake = cls.float().chunk(3) if cls is not None else (None, None, None)
         else:
-            (out_real, cls_real), (out_wrong, cls_wrong), (out_fake, cls_fake) = (
-                D(real_in, text_d, labels), D(wrong_in, text, labels), D(fake_in, text, labels))
+            # One spectral-norm weight (one power iteration) for the three calls, as in one forward.
+            with torch.nn.utils.parametrize.cached():
+                (out_real, cls_real), (out_wrong, cls_wrong), (out_fake, cls_fake) = (
+                    D(real_in, text_d, labels), D(wrong_in, text, labels), D(fake_in, text, labels))
         loss_d = d_adversarial(out_real.float(), out_wrong.float(), out_fake.float(), mcfg.loss, b.wrong_mask)
         if cls_real is not None:
             # Every image D sees is of a known class: its own, or the caption's for G's.
@@ -566,6 +586,8 @@ def train(cfg: TrainConfig, report: Reporter = Reporter()) -> TrainResult:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     is_main = rank == 0
     autocast_dtype = resolve_precision(cfg.precision, device)
+    adam = resolve_adam(cfg.adam, device)
+    threads = resolve_threads(cfg.threads)
 
     # Where the run lives.
     layout = DataLayout(cfg.data_dir)
@@ -576,14 +598,58 @@ def train(cfg: TrainConfig, report: Reporter = Reporter()) -> TrainResult:
     if not emb_path.is_file():
         raise DataError(f"embeddings file {emb_path} does not exist; run `flowercli embed` first")
     cfg = replace(cfg, run=run_name, embeddings=emb_path)
-    if cfg.batch_size < 2 or cfg.epochs < 1:
-        raise InputError("--batch-size must be at least 2 and --epochs at least 1")
+    validate_config(cfg)
+    if cfg.resume and not ckpt_dir.is_dir():
+        raise CheckpointError(f"--resume: run {run_dir} has no checkpoints; start it without --resume")
+    # The topmost folder this call creates (the runs dir too, if new), so a failure can remove it all.
+    absolute = Path(os.path.abspath(run_dir))
+    existing = nearest_existing(absolute)
+    created = None if existing == absolute else existing / absolute.relative_to(existing).parts[0]
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise FlowerError(f"cannot create run folder {run_dir}: {e.strerror}") from None
+        raise FlowerError(f"cannot create run folder {run_dir}: {e.strerror}; choose another --runs-dir") from None
+    try:
+        return _train(cfg, report, world, rank, device, is_main, autocast_dtype, adam, threads, layout,
+                      run_name, run_dir, ckpt_dir, emb_path)
+    except OSError as e:  # a full disk or a vanished folder while writing the log, config or samples
+        from flowercli.fsutil import os_error_text
 
-    with RunLock(run_dir) if is_main else contextlib.nullcontext(), StopFlag() as stop:
+        _discard_if_empty(is_main, created, run_dir, ckpt_dir)
+        raise FlowerError(f"I/O error while training in {run_dir}: {os_error_text(e)}; checkpoints written so far "
+                          "are intact, continue with --resume") from None
+    except BaseException:
+        _discard_if_empty(is_main, created, run_dir, ckpt_dir)
+        raise
+
+
+def _discard_if_empty(is_main: bool, created: Path | None, run_dir: Path, ckpt_dir: Path) -> None:
+    # A run that failed before its first checkpoint leaves nothing behind to trip over later.
+    if is_main and created is not None and not any(ckpt_dir.glob("step-*.pt")):
+        shutil.rmtree(created, ignore_errors=True)
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Refuse impossible settings before anything is written (one line each, saying what to use)."""
+    m = cfg.model
+    if cfg.batch_size < 2 or cfg.epochs < 1:
+        raise InputError("--batch-size must be at least 2 and --epochs at least 1")
+    if m.loss not in ("bce", "hinge"):
+        raise InputError(f"unknown --loss {m.loss!r}; use bce or hinge")
+    if m.d_head not in ("aux", "projection", "none"):
+        raise InputError(f"unknown --d-head {m.d_head!r}; use aux, projection or none")
+    unknown = [p for p in m.diffaug.split(",") if p.strip() and p.strip() not in DIFFAUG_NAMES]
+    if unknown:
+        raise InputError(f"unknown --diffaug part {unknown[0]!r}; use a comma list of {', '.join(DIFFAUG_NAMES)} or \"\"")
+    if m.image_size < 16 or m.image_size & (m.image_size - 1):
+        raise InputError(f"--image-size must be a power of two of at least 16 (16, 32, 64, 128), got {m.image_size}")
+    if cfg.split not in ("auto", "classes", "images", "all"):
+        raise InputError(f"unknown split {cfg.split!r}; choose auto, classes, images or all")
+
+
+def _train(cfg, report, world, rank, device, is_main, autocast_dtype, adam, threads, layout, run_name, run_dir,
+           ckpt_dir, emb_path) -> TrainResult:
+    with RunLock(run_dir) if is_main else contextlib.nullcontext(), StopFlag() as stop, torch_threads(threads):
         # Resume: the newest readable checkpoint, with a config that agrees on everything frozen.
         state = None
         if cfg.resume:
@@ -607,7 +673,7 @@ def train(cfg: TrainConfig, report: Reporter = Reporter()) -> TrainResult:
 
         # Models and optimisers. Same seed on every rank, so the replicas start identical.
         torch.manual_seed(cfg.seed)
-        nets = build_nets(mcfg, cfg, device, cfg.channels_last)
+        nets = build_nets(mcfg, cfg, device, cfg.channels_last, adam)
         G, D, G_ema, opt_G, opt_D = nets.G, nets.D, nets.G_ema, nets.opt_G, nets.opt_D
         for m in (G, G_ema):
             m.text_mean.copy_(data.text_mean)
@@ -618,6 +684,8 @@ def train(cfg: TrainConfig, report: Reporter = Reporter()) -> TrainResult:
                 module.load_state_dict(state[key])
             opt_G.load_state_dict(state["opt_G"])
             opt_D.load_state_dict(state["opt_D"])
+            set_adam_impl(opt_G, adam)
+            set_adam_impl(opt_D, adam)
             set_rng_states(state["rng"])
             step = int(state["step"])
             report.info(f"Resuming {run_dir} from step {step} ({state['_path']})")
@@ -625,7 +693,8 @@ def train(cfg: TrainConfig, report: Reporter = Reporter()) -> TrainResult:
         n_train = len(data.labels)
         steps_per_epoch = n_train // (cfg.batch_size * world)
         if steps_per_epoch == 0:
-            raise InputError(f"--batch-size {cfg.batch_size} is larger than the {n_train} training images")
+            raise InputError(f"--batch-size {cfg.batch_size} is larger than the {n_train} training images; "
+                             f"use --batch-size {n_train} or less")
         total_steps = steps_per_epoch * cfg.epochs
         if cfg.max_steps:
             total_steps = min(total_steps, cfg.max_steps)
@@ -637,12 +706,13 @@ def train(cfg: TrainConfig, report: Reporter = Reporter()) -> TrainResult:
             atomic_write(run_dir / "config.json", lambda f: f.write(json.dumps(
                 {"flowercli_version": __version__, "config": config_to_dict(cfg), "encoder": data.encoder,
                  "split": data.split, "classes": data.classes, "world_size": world,
-                 "device": str(device), "precision": str(autocast_dtype or "fp32"),
+                 "device": str(device), "precision": str(autocast_dtype or "fp32"), "adam": adam, "threads": threads,
                  "parameters": {"G": count_parameters(G), "D": count_parameters(D)}}, indent=2).encode()))
             (run_dir / "samples").mkdir(exist_ok=True)
             (run_dir / "samples" / "prompts.txt").write_text("\n".join(data.sample_captions) + "\n")
             report.info(f"Training {run_dir}: {n_train} images, {len(data.classes)} classes, split {data.split}, "
-                        f"{steps_per_epoch} steps/epoch, device {device}, precision {autocast_dtype or 'fp32'}")
+                        f"{steps_per_epoch} steps/epoch, device {device}, precision {autocast_dtype or 'fp32'}, "
+                        f"{threads} threads")
 
         def make_state(epoch: int) -> dict[str, Any]:
             # G_ema's BatchNorm statistics are recomputed for its own weights before it is saved.
