@@ -12,12 +12,17 @@ in what it computes beyond float rounding:
 
   optimised    what `flowercli train` uses on this machine (the TrainConfig defaults, resolved)
   unoptimised  fp32, contiguous memory format, eager, three D forwards per D step (real,
-               mismatched, fake), for-loop Adam
-  plus one-lever variants (see VARIANTS) to show what each lever is worth on its own.
+               mismatched, fake; they share one spectral-norm power iteration, as the single
+               forward does), for-loop Adam, torch's default thread count
+  plus one-lever variants (see `variants()`) to show what each lever is worth on its own;
+  `--variants all` lists them all, `--compile` adds torch.compile (its first step is the
+  compile time).
 
-The machine is shared, so variants are interleaved: each repeat times `--steps` steps of every
-variant in turn, after `--warmup` untimed steps each; the table gives the median over repeats
-(and the min, the least disturbed figure) and the ratio of medians to `unoptimised`.
+The machine may be shared, so variants are interleaved: each repeat times `--steps` steps of
+every variant in turn, after `--warmup` untimed steps each; the table gives the median over
+repeats (and the min, the least disturbed figure), the ratio of medians to `unoptimised`, and
+the process CPU time per step (all threads): on a busy machine wall time depends on what the
+other processes leave, CPU time much less.
 
 FLOPs per step are counted with torch.utils.flop_counter.FlopCounterMode on one step (matmuls
 and convolutions, forward and backward; elementwise work is not counted). Achieved FLOP/s is that
@@ -25,8 +30,11 @@ count over the median step time, compared with the CPU's fp32 peak:
     cores x clock x FLOP/cycle/core,  FLOP/cycle/core = 2 FMA units x 8 fp32 lanes (AVX2) x 2
 (both AVX2 FMA ports of Zen 2/3 and Intel Haswell and later; 64 with AVX-512 on two ports).
 The clock is /proc/cpuinfo's "cpu MHz" (the nominal clock under a hypervisor); override with
---peak-gflops. The peak RSS of a training process is measured in a fresh child process that
-builds the full-size in-memory data (8,189 images) and runs a few optimised steps.
+--peak-gflops. Two more yardsticks: a 2048^3 fp32 matmul timed between repeats (what this CPU
+delivers right now, with the same threads and load), and FLOPs per CPU-second of the process
+against one core's peak (how well the cycles the process did get were used). The peak RSS of a
+training process is measured in a fresh child process that builds the full-size in-memory data
+(8,189 images) and runs a few optimised steps.
 """
 
 from __future__ import annotations
@@ -50,7 +58,9 @@ from flowercli.train import (
     TrainData,
     build_nets,
     make_config,
+    resolve_adam,
     resolve_precision,
+    resolve_threads,
     run_step,
 )
 
@@ -70,8 +80,6 @@ class Variant:
 def optimised_variant(device: torch.device) -> Variant:
     """What `flowercli train` resolves its defaults to on this machine."""
     cfg = make_config("modern")
-    from flowercli.train import resolve_adam, resolve_threads
-
     dtype = resolve_precision(cfg.precision, device)
     return Variant(channels_last=cfg.channels_last, precision="bf16" if dtype is not None else "fp32",
                    one_d_forward=cfg.model.spectral_norm, adam=resolve_adam(cfg.adam, device),
