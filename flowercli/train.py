@@ -211,7 +211,11 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
 
 
 def resolve_adam(name: str, device: torch.device) -> str:
-    """The Adam implementation; `auto`: fused (one kernel per parameter, on CPU and CUDA alike)."""
+    """The Adam implementation; `auto`: fused (one kernel per parameter, on CPU and CUDA alike).
+
+    On the 2-core AVX2 CPU, both optimisers' steps took 8 ms fused vs 16 ms for-loop or foreach
+    (2 threads, quiet machine), 16 vs 73 ms at 1 thread (bench/train_speed.py "parts").
+    """
     if name == "auto":
         return "fused"
     adam_flags(name)  # validates
