@@ -579,6 +579,7 @@ def train(cfg: TrainConfig, report: Reporter = Reporter()) -> TrainResult:
     # Distributed set-up: torchrun sets these; a plain run is a world of one.
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    owns_group = False
     device = resolve_device(cfg.device)
     if world > 1:
         import torch.distributed as dist
@@ -588,6 +589,7 @@ def train(cfg: TrainConfig, report: Reporter = Reporter()) -> TrainResult:
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            owns_group = True
     is_main = rank == 0
     autocast_dtype = resolve_precision(cfg.precision, device)
     adam = resolve_adam(cfg.adam, device)
@@ -614,8 +616,13 @@ def train(cfg: TrainConfig, report: Reporter = Reporter()) -> TrainResult:
     except OSError as e:
         raise FlowerError(f"cannot create run folder {run_dir}: {e.strerror}; choose another --runs-dir") from None
     try:
-        return _train(cfg, report, world, rank, device, is_main, autocast_dtype, adam, threads, layout,
-                      run_name, run_dir, ckpt_dir, emb_path)
+        result = _train(cfg, report, world, rank, device, is_main, autocast_dtype, adam, threads, layout,
+                        run_name, run_dir, ckpt_dir, emb_path)
+        if owns_group:
+            import torch.distributed as dist
+
+            dist.barrier()  # no rank leaves while rank 0 still writes its checkpoint
+        return result
     except OSError as e:  # a full disk or a vanished folder while writing the log, config or samples
         from flowercli.fsutil import os_error_text
 
@@ -625,6 +632,13 @@ def train(cfg: TrainConfig, report: Reporter = Reporter()) -> TrainResult:
     except BaseException:
         _discard_if_empty(is_main, created, run_dir, ckpt_dir)
         raise
+    finally:
+        if owns_group:
+            # Gloo's threads outliving the interpreter abort the process at exit ("terminate called
+            # without an active exception"): close the group we opened.
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 def _discard_if_empty(is_main: bool, created: Path | None, run_dir: Path, ckpt_dir: Path) -> None:
