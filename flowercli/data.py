@@ -16,6 +16,7 @@ import numpy as np
 
 from flowercli.config import DataLayout
 from flowercli.errors import DataError
+from flowercli.fsutil import fsync_dir
 
 CAPTIONS_PER_IMAGE = 10
 # Bump when the HDF5 layout changes in a way old readers cannot follow.
@@ -214,17 +215,6 @@ def _check_shapes(emb: Embeddings) -> None:
         raise ValueError(f"captions must be N x {CAPTIONS_PER_IMAGE}")
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # not possible on every platform; the file itself is synced
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_embeddings(path: Path, emb: Embeddings) -> Path:
     """Write `emb` to `path` atomically: a temporary name in the same folder, fsync, rename.
 
@@ -270,7 +260,7 @@ def write_embeddings(path: Path, emb: Embeddings) -> Path:
             kept = "the previous file is intact" if path.is_file() else "nothing was written"
             raise FlowerError(f"cannot write embeddings file {path}: {os_error_text(e)}; {kept}") from None
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     remove_stale_temporaries(path.parent)  # left by writers that were killed
     return path
 
