@@ -143,11 +143,11 @@ class Runner:
             for _ in range(k):
                 start = (self.step * b) % (n - b + 1)
                 idx = torch.arange(start, start + b)
-                loss_d, loss_g = run_step(self.nets, self.data, idx, self.step, self.cfg, self.opts)
+                stats = run_step(self.nets, self.data, idx, self.step, self.cfg, self.opts)
                 self.step += 1
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
-            assert torch.isfinite(loss_d) and torch.isfinite(loss_g)
+            assert torch.isfinite(stats["loss_d"]) and torch.isfinite(stats["loss_g"])
         finally:
             torch.set_num_threads(threads)
 

@@ -40,6 +40,31 @@ def save_checkpoint(state: dict[str, Any], folder: Path, keep: int) -> Path:
     return path
 
 
+def export_generator(src: Path, dst: Path, meta: dict[str, Any] | None = None, half: bool = True) -> Path:
+    """Write only what generation needs (the EMA generator, config, encoder, data) to `dst`.
+
+    A training checkpoint also holds D, the live G and both optimisers' moments (~25x the EMA
+    generator's size). The exported file is a checkpoint of the same schema, so `generate`,
+    `eval` and `--checkpoint` read it unchanged; it cannot be resumed. With `half`, weights are
+    stored as float16 (loaded back as float32); small tensors (biases, normalisation statistics,
+    the text mean/std) stay float32: they cost nothing and are the ones rounding would hurt.
+    """
+    state = load_checkpoint(src)
+    weights = {k: v.half() if half and v.is_floating_point() and v.numel() >= 1024 else v
+               for k, v in state["G_ema"].items()}
+    out = {"schema_version": SCHEMA_VERSION, "flowercli_version": __version__,
+           **{k: state[k] for k in ("config", "step", "epoch", "encoder", "data") if k in state},
+           "G_ema": weights,
+           "meta": {**state.get("meta", {}), "exported_from": Path(src).name, "dtype": "float16" if half else "float32",
+                    **(meta or {})}}
+    dst = Path(dst)
+    try:
+        atomic_write(dst, lambda f: torch.save(out, f))
+    except OSError as e:
+        raise CheckpointError(f"could not write {dst}: {os_error_text(e)}") from None
+    return dst
+
+
 def _link_latest(path: Path) -> None:
     # A hard link costs no second write; renaming it over latest.pt keeps that name atomic too.
     latest = path.parent / "latest.pt"

@@ -298,8 +298,8 @@ def train(
     diffaug: Optional[str] = typer.Option(None, "--diffaug", help='DiffAugment policy, e.g. "color,translation,cutout" ("" = off).'),
     ema: Optional[float] = typer.Option(None, "--ema", help="EMA decay of the generator used for samples (0 = off)."),
     gan_int: Optional[float] = typer.Option(None, "--gan-int", help="Weight of the GAN-INT term on interpolated captions (0 = off)."),
-    g_channels: Optional[int] = typer.Option(None, "--g-channels", min=4, help="Generator width [default: 64]."),
-    d_channels: Optional[int] = typer.Option(None, "--d-channels", min=4, help="Discriminator width [default: 64]."),
+    g_channels: Optional[int] = typer.Option(None, "--g-channels", min=4, help="Generator width [recipe default: modern 32, reference 64]."),
+    d_channels: Optional[int] = typer.Option(None, "--d-channels", min=4, help="Discriminator width [recipe default: modern 32, reference 64]."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
@@ -529,6 +529,65 @@ def eval_(
 
 
 # --- end eval ---------------------------------------------------------------------------------
+
+# --- export -----------------------------------------------------------------------------------
+@app.command()
+@handle_errors
+def export(
+    out: Path = typer.Argument(..., help="The file to write, e.g. my-flowers.pt."),
+    run: Optional[str] = typer.Option(None, "--run", "-r", help="Run name under --runs-dir; its newest checkpoint is exported."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="A checkpoint file (overrides --run)."),
+    runs_dir: Optional[Path] = RunsDirOpt,
+    fp32: bool = typer.Option(False, "--fp32", help="Keep float32 weights (default: float16, half the size)."),
+    as_json: bool = typer.Option(False, "--json", help="Print path, size and step as JSON."),
+    quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Write a small file holding only what `generate` and `eval` need: the EMA generator.
+
+    A training checkpoint also carries the discriminator and optimiser state (about 25 times the
+    size). The exported file works everywhere a checkpoint does (--checkpoint); it records the
+    encoder, the training config and, when <run>/eval/report.json belongs to that checkpoint,
+    its evaluation figures. It cannot be resumed.
+
+    Examples:
+
+        flowercli export my-flowers.pt --run my-run
+
+        flowercli generate "pink petals" --checkpoint my-flowers.pt
+    """
+    import json as _json
+
+    from flowercli.checkpoint import export_generator, find_latest_checkpoint
+    from flowercli.errors import InputError
+
+    runs = runs_dir or default_runs_dir()
+    if checkpoint is None:
+        if run is None:
+            raise InputError("say what to export: --run NAME or --checkpoint PATH")
+        if not (runs / run).is_dir():
+            raise InputError(f"no run named {run!r} in {runs} (pass --runs-dir, or list the folder)")
+        checkpoint = find_latest_checkpoint(runs / run)
+    meta = {}
+    report_path = (checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent) / "eval" / "report.json"
+    if report_path.is_file():
+        try:
+            report = _json.loads(report_path.read_text())
+        except (OSError, ValueError):
+            report = None
+        if report and Path(str(report.get("run", {}).get("checkpoint", ""))).name == checkpoint.name:
+            meta["eval"] = report
+    path = export_generator(checkpoint, out, meta, half=not fp32)
+    size = path.stat().st_size
+    RichReporter(quiet=quiet, verbose=verbose).info(
+        f"Exported {checkpoint} ({size / 2**20:.1f} MiB{', with its eval report' if 'eval' in meta else ''})")
+    if as_json:
+        emit_json({"path": str(path), "bytes": size, "checkpoint": str(checkpoint), "eval": "eval" in meta})
+    else:
+        typer.echo(str(path))
+
+
+# --- end export -------------------------------------------------------------------------------
 
 
 def main() -> None:

@@ -213,12 +213,18 @@ class TextEncoder:
         if not (Path(path) / "config.json").is_file():
             raise EncoderError(f"encoder folder {path} is not a Hugging Face model folder (no config.json); "
                                f"{_ALTERNATIVES}")
-        from transformers import AutoModel, AutoTokenizer
+        from flowercli import bert
 
         try:
-            with _quiet_transformers():
-                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-                model = AutoModel.from_pretrained(path, local_files_only=True)
+            if bert.supported(Path(path)):
+                # BERT/RoBERTa in plain torch: the same vectors without importing transformers (~2 s).
+                tokenizer, model = bert.Tokenizer(Path(path)), bert.load_encoder(Path(path))
+            else:
+                from transformers import AutoModel, AutoTokenizer
+
+                with _quiet_transformers():
+                    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+                    model = AutoModel.from_pretrained(path, local_files_only=True)
         except Exception as e:
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             raise EncoderError(f"cannot load encoder '{name}' from {path} ({type(e).__name__}: {first}); "

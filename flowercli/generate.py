@@ -32,6 +32,9 @@ class LoadedGenerator:
     meta: dict[str, Any]  # split, embeddings, data_dir, encoder (+ whatever the checkpoint says)
     checkpoint: Path
     device: torch.device
+    # Conditioning augmentation at generation: False uses each caption's mean condition; True samples
+    # it (as in training, and StackGAN at test time) from the image's seed, for more variety per caption.
+    sample_condition: bool = False
     _encoder: Any = field(default=None, repr=False)
 
     @property
@@ -59,9 +62,17 @@ class LoadedGenerator:
                                    "folder or Hugging Face id) or use another --checkpoint") from None
         return self._encoder
 
-    def noise(self, seeds: list[int]) -> torch.Tensor:
-        rows = [torch.randn(self.G.cfg.noise_dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-        return torch.stack(rows)
+    def noise(self, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(z, eps) for each seed: z first, then the condition noise, from one generator per image."""
+        cfg, zs, eps = self.G.cfg, [], []
+        for s in seeds:
+            g = torch.Generator().manual_seed(int(s))
+            zs.append(torch.randn(cfg.noise_dim, generator=g))
+            if cfg.cond_aug:
+                eps.append(torch.randn(cfg.cond_dim, generator=g))
+        if not zs:
+            return torch.zeros(0, cfg.noise_dim), None
+        return torch.stack(zs), torch.stack(eps) if eps and self.sample_condition else None
 
     @torch.inference_mode()
     def images_from_vectors(self, vectors: np.ndarray, seeds: list[int], batch_size: int = 64) -> np.ndarray:
@@ -74,9 +85,9 @@ class LoadedGenerator:
                              f"({self.G.cfg.text_dim}-d, from {self.encoder_info.get('encoder')})")
         out = []
         for i in range(0, len(vectors), batch_size):
-            z = self.noise(seeds[i: i + batch_size]).to(self.device)
+            z, eps = self.noise(seeds[i: i + batch_size])
             t = self.G.normalise_text(vectors[i: i + batch_size].to(self.device))
-            out.append(to_uint8(self.G(z, t)[0]))  # CA mean: the caption's most likely condition
+            out.append(to_uint8(self.G(z.to(self.device), t, None if eps is None else eps.to(self.device))[0]))
         return np.concatenate(out) if out else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
 
     def embed(self, prompts: list[str], report: Reporter = Reporter()) -> np.ndarray:

