@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from flowercli.config import DataLayout
-from flowercli.errors import DataError
+from flowercli.errors import DataError, InputError
 from flowercli.fsutil import fsync_dir
 
 CAPTIONS_PER_IMAGE = 10
@@ -339,3 +339,27 @@ def open_embeddings(path: Path) -> Embeddings:
     except ValueError as e:
         raise DataError(f"embeddings file {path} is inconsistent ({e}): run `flowercli embed` again") from None
     return emb
+
+
+def select_split(emb, split: str) -> tuple[str, np.ndarray, np.ndarray]:
+    """(resolved split name, training mask, held-out mask) over the images of the embeddings file."""
+    has_classes = any(s for s in emb.class_split)
+    if split == "auto":
+        split = "classes" if has_classes else "images"
+    if split == "classes":
+        if not has_classes:
+            raise DataError("--split classes needs the class split files (trainvalclasses.txt, testclasses.txt); "
+                            "re-run `flowercli download` with captions that include them, or use --split images")
+        train = np.isin(emb.class_split, ["train", "val"])
+        held = emb.class_split == "test"
+    elif split == "images":
+        train = np.isin(emb.split, ["train", "val"])
+        held = emb.split == "test"
+    elif split == "all":
+        train = np.ones(len(emb.labels), dtype=bool)
+        held = np.zeros(len(emb.labels), dtype=bool)
+    else:
+        raise InputError(f"unknown split {split!r}; choose auto, classes, images or all")
+    if not train.any():
+        raise DataError(f"split {split!r} leaves no training images")
+    return split, train, held

@@ -120,32 +120,8 @@ def find_embeddings(layout: DataLayout) -> Path:
     return files[-1]
 
 
-def select_split(emb, split: str) -> tuple[str, np.ndarray, np.ndarray]:
-    """(resolved split name, training mask, held-out mask) over the images of the embeddings file."""
-    has_classes = any(s for s in emb.class_split)
-    if split == "auto":
-        split = "classes" if has_classes else "images"
-    if split == "classes":
-        if not has_classes:
-            raise DataError("--split classes needs the class split files (trainvalclasses.txt, testclasses.txt); "
-                            "re-run `flowercli download` with captions that include them, or use --split images")
-        train = np.isin(emb.class_split, ["train", "val"])
-        held = emb.class_split == "test"
-    elif split == "images":
-        train = np.isin(emb.split, ["train", "val"])
-        held = emb.split == "test"
-    elif split == "all":
-        train = np.ones(len(emb.labels), dtype=bool)
-        held = np.zeros(len(emb.labels), dtype=bool)
-    else:
-        raise InputError(f"unknown split {split!r}; choose auto, classes, images or all")
-    if not train.any():
-        raise DataError(f"split {split!r} leaves no training images")
-    return split, train, held
-
-
 def load_train_data(cfg: TrainConfig, emb_path: Path) -> TrainData:
-    from flowercli.data import open_embeddings
+    from flowercli.data import open_embeddings, select_split
     from flowercli.images import load_images
 
     layout = DataLayout(cfg.data_dir)

@@ -51,7 +51,7 @@ def load_embeddings(path: Path):
 
 def split_masks(emb, mode: str | None) -> tuple[str, np.ndarray, np.ndarray]:
     """(mode, training rows, held-out rows): the run's own split, by training's rule itself."""
-    from flowercli.train import select_split
+    from flowercli.data import select_split
 
     mode, train, held = select_split(emb, mode or "auto")
     if mode == "all":
