@@ -282,6 +282,7 @@ def train(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed: the same seed repeats a CPU run exactly [default: 0]."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda [default: auto]."),
     precision: Optional[str] = typer.Option(None, "--precision", help="auto, fp32 or bf16 autocast [default: auto]."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=0, help="CPU threads for torch (0 = one per core) [default: 0]."),
     recipe: str = typer.Option("modern", "--recipe", help="modern (default) or reference (the original design)."),
     split: Optional[str] = typer.Option(None, "--split", help="classes, images, all or auto (classes when split files exist)."),
     embeddings: Optional[Path] = typer.Option(None, "--embeddings", help="HDF5 from `flowercli embed` [default: newest in <data>/embeddings]."),
@@ -324,7 +325,7 @@ def train(
 
     given = {k: v for k, v in dict(
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr_g=lr, lr_d=lr_d, seed=seed, device=device,
-        precision=precision, split=split, image_size=image_size, checkpoint_every=checkpoint_every, keep=keep,
+        precision=precision, threads=threads, split=split, image_size=image_size, checkpoint_every=checkpoint_every, keep=keep,
         sample_every=sample_every, cond_aug=cond_aug, loss=loss, spectral_norm=spectral_norm, d_head=d_head,
         ma_gp=ma_gp, diffaug=diffaug, ema=ema, gan_int=gan_int, g_channels=g_channels, d_channels=d_channels,
     ).items() if v is not None}

@@ -212,10 +212,11 @@ def test_ddp_two_cpu_processes(tmp_path, embedded_dir):
 def test_train_cli_json_and_errors(tmp_path, embedded_dir):
     args = ["train", "--data-dir", str(embedded_dir), "--runs-dir", str(tmp_path / "runs"), "--run", "c",
             "--image-size", "16", "--g-channels", "8", "--d-channels", "8", "--batch-size", "4", "--max-steps", "1"]
-    res = runner.invoke(app, args + ["--json"])
+    res = runner.invoke(app, args + ["--json", "--threads", "1"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["step"] == 1 and Path(out["checkpoint"]).is_file()
+    assert json.loads((tmp_path / "runs" / "c" / "config.json").read_text())["threads"] == 1
     bad = runner.invoke(app, args[:3] + ["--runs-dir", str(tmp_path / "r2"), "--split", "nope"])
     assert bad.exit_code == 1 and "unknown split" in bad.output
     missing = runner.invoke(app, ["train", "--data-dir", str(tmp_path / "nothing"), "--runs-dir", str(tmp_path / "r3")])
