@@ -180,3 +180,13 @@ def test_packaged_model_is_used_without_runs(checkpoint, tmp_path, monkeypatch):
     r = runner.invoke(app, ["generate", "yellow petals", "-n", "1", "--runs-dir", str(tmp_path / "no-runs"),
                             "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o2"), "--device", "cpu"])
     assert r.exit_code == 0 and "packaged" not in r.stderr
+
+
+def test_sampled_condition_is_seeded_per_image(checkpoint):
+    g = load_generator(checkpoint)
+    v = np.random.default_rng(1).normal(size=(4, 32)) * 0.05
+    mean = g.images_from_vectors(v, [0, 1, 2, 3])
+    g.sample_condition = True
+    sampled = g.images_from_vectors(v, [0, 1, 2, 3])
+    assert not np.array_equal(mean, sampled)  # the CA noise moved the condition
+    np.testing.assert_array_equal(sampled[:2], g.images_from_vectors(v[:2], [0, 1]))  # image k depends on seed k only
