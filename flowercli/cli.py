@@ -455,6 +455,33 @@ def _eval_table(report: dict):
     return table
 
 
+def _run_and_checkpoint(run: Optional[str], checkpoint: Optional[Path], runs: Path, ask: str) -> tuple[Path, Path]:
+    """(run folder, checkpoint) from --run and/or --checkpoint; `ask` starts the error when neither is given.
+
+    A --checkpoint wins; its run folder is <run>/ for <run>/checkpoints/step-N.pt, the folder
+    itself for a run folder, else the file's folder (reports belong there)."""
+    from flowercli.checkpoint import find_latest_checkpoint
+    from flowercli.errors import InputError
+
+    run_dir: Optional[Path] = None
+    if run is not None:
+        run_dir = runs / run
+        if not run_dir.is_dir():
+            raise InputError(f"no run named {run!r} in {runs} (pass --runs-dir, or list the folder)")
+    if checkpoint is not None:
+        if run_dir is None:
+            if checkpoint.is_dir():
+                run_dir = checkpoint
+            elif checkpoint.parent.name == "checkpoints":
+                run_dir = checkpoint.parent.parent
+            else:
+                run_dir = checkpoint.parent
+        return run_dir, checkpoint
+    if run_dir is not None:
+        return run_dir, find_latest_checkpoint(run_dir)
+    raise InputError(f"{ask}: --run NAME or --checkpoint PATH")
+
+
 @app.command("eval")
 @handle_errors
 def eval_(
@@ -488,34 +515,14 @@ def eval_(
 
         flowercli eval --checkpoint runs/my-run/checkpoints/step-0010000.pt --split train
     """
-    from flowercli.checkpoint import find_latest_checkpoint
     from flowercli.config import EvalConfig
-    from flowercli.errors import InputError
     from flowercli.generate import load_generator
     from flowercli.metrics.evaluate import evaluate
 
     if split not in ("test", "train"):
         raise typer.BadParameter(f"{split!r} is not one of test, train", param_hint="--split")
     runs = runs_dir or default_runs_dir()
-    run_dir: Optional[Path] = None
-    if run is not None:
-        run_dir = runs / run
-        if not run_dir.is_dir():
-            raise InputError(f"no run named {run!r} in {runs} (pass --runs-dir, or list the folder)")
-    if checkpoint is not None:
-        ckpt = checkpoint
-        if run_dir is None:
-            # <run>/checkpoints/step-N.pt or a run folder: the report belongs to that run.
-            if checkpoint.is_dir():
-                run_dir = checkpoint
-            elif checkpoint.parent.name == "checkpoints":
-                run_dir = checkpoint.parent.parent
-            else:
-                run_dir = checkpoint.parent
-    elif run_dir is not None:
-        ckpt = find_latest_checkpoint(run_dir)
-    else:
-        raise InputError("say which model to evaluate: --run NAME or --checkpoint PATH")
+    run_dir, ckpt = _run_and_checkpoint(run, checkpoint, runs, "say which model to evaluate")
     reporter = RichReporter(quiet=quiet, verbose=verbose)
     generator = load_generator(ckpt, device, runs)
     reporter.debug(f"checkpoint {generator.checkpoint}")
@@ -540,7 +547,7 @@ def export(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="A checkpoint file (overrides --run)."),
     runs_dir: Optional[Path] = RunsDirOpt,
     fp32: bool = typer.Option(False, "--fp32", help="Keep float32 weights (default: float16, half the size)."),
-    as_json: bool = typer.Option(False, "--json", help="Print path, size and step as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print path, size, source checkpoint and whether an eval report was included, as JSON."),
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
@@ -559,18 +566,13 @@ def export(
     """
     import json as _json
 
-    from flowercli.checkpoint import export_generator, find_latest_checkpoint
-    from flowercli.errors import InputError
+    from flowercli.checkpoint import export_generator
 
-    runs = runs_dir or default_runs_dir()
-    if checkpoint is None:
-        if run is None:
-            raise InputError("say what to export: --run NAME or --checkpoint PATH")
-        if not (runs / run).is_dir():
-            raise InputError(f"no run named {run!r} in {runs} (pass --runs-dir, or list the folder)")
-        checkpoint = find_latest_checkpoint(runs / run)
+    # --checkpoint overrides --run here (the run is not even looked up).
+    run_dir, checkpoint = _run_and_checkpoint(None if checkpoint else run, checkpoint, runs_dir or default_runs_dir(),
+                                              "say what to export")
     meta = {}
-    report_path = (checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent) / "eval" / "report.json"
+    report_path = run_dir / "eval" / "report.json"
     if report_path.is_file():
         try:
             report = _json.loads(report_path.read_text())
