@@ -140,6 +140,12 @@ class ModelConfig:
     ma_gp: float = 0.0  # weight of DF-GAN's matching-aware gradient penalty (0 = off)
     diffaug: str = ""  # DiffAugment policy, e.g. "color,translation,cutout"
     gan_int: float = 0.0  # weight of the G term on interpolated caption vectors (GAN-INT)
+    # Text at every generator layer: BatchNorm's scale and shift predicted from the condition
+    # (conditional BatchNorm, as the affine text fusion of DF-GAN); off = text enters the first layer only.
+    cond_bn: bool = False
+    # D's logit also gets <projected caption, pooled image features> (Miyato & Koyama's projection
+    # with the caption instead of the class label): the one conditioning that exists for unseen classes.
+    text_proj: bool = False
 
 
 @dataclass(frozen=True)

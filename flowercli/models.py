@@ -53,6 +53,26 @@ class CondAugment(nn.Module):
         return cond, mu, logvar
 
 
+class CondBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose scale and shift come from the condition: x_hat * (1 + gamma(c)) + beta(c).
+
+    The linear map starts at zero, so at initialisation it is plain BatchNorm.
+    """
+
+    def __init__(self, channels: int, cond_dim: int):
+        super().__init__(channels, affine=False)
+        self.to_affine = nn.Linear(cond_dim, channels * 2)
+        nn.init.zeros_(self.to_affine.weight)
+        nn.init.zeros_(self.to_affine.bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        x = super().forward(x)
+        if cond is None:
+            return x
+        gamma, beta = self.to_affine(cond)[:, :, None, None].chunk(2, dim=1)
+        return x * (1 + gamma) + beta
+
+
 class Generator(nn.Module):
     """[projected text || noise] -> 4x4 tensor -> transposed convolutions -> image in [-1, 1]."""
 
@@ -73,7 +93,7 @@ class Generator(nn.Module):
         for _ in range(n - 1):
             blocks += [
                 nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False),
-                nn.BatchNorm2d(ch // 2),
+                CondBatchNorm(ch // 2, cfg.cond_dim) if cfg.cond_bn else nn.BatchNorm2d(ch // 2),
                 nn.LeakyReLU(0.2),
             ]
             ch //= 2
@@ -89,7 +109,11 @@ class Generator(nn.Module):
         cond, mu, logvar = self.cond(text, eps)
         h = self.fc(torch.cat([cond, z], dim=1)).view(-1, self.seed_channels, 4, 4)
         h = self.act(self.fc_norm(h))
-        return self.blocks(h), mu, logvar
+        if not self.cfg.cond_bn:
+            return self.blocks(h), mu, logvar
+        for block in self.blocks:
+            h = block(h, cond) if isinstance(block, CondBatchNorm) else block(h)
+        return h, mu, logvar
 
 
 class Discriminator(nn.Module):
@@ -119,11 +143,13 @@ class Discriminator(nn.Module):
         self.adv = sn(nn.Conv2d(ch, 1, 4))
         self.aux = sn(nn.Linear(ch * 16, cfg.n_classes)) if cfg.d_head == "aux" else None
         self.embed = sn(nn.Embedding(cfg.n_classes, ch)) if cfg.d_head == "projection" else None
+        self.text_embed = sn(nn.Linear(cfg.cond_dim, ch)) if cfg.text_proj else None
 
     def forward(self, images: torch.Tensor, text: torch.Tensor, labels: torch.Tensor | None = None):
         """Returns (logit (N,), class_logits (N, C) or None). `labels` (0-based) feed the projection."""
         h = self.features(images)
-        t = self.text(text)[:, :, None, None].expand(-1, -1, h.shape[2], h.shape[3])
+        t_vec = self.text(text)
+        t = t_vec[:, :, None, None].expand(-1, -1, h.shape[2], h.shape[3])
         j = self.joint(torch.cat([h, t], dim=1))
         logit = self.adv(j).flatten()
         class_logits = None
@@ -131,6 +157,8 @@ class Discriminator(nn.Module):
             class_logits = self.aux(h.flatten(1))
         if self.embed is not None and labels is not None:
             logit = logit + (self.embed(labels) * h.sum(dim=(2, 3))).sum(dim=1)
+        if self.text_embed is not None:
+            logit = logit + (self.text_embed(t_vec) * h.sum(dim=(2, 3))).sum(dim=1)
         return logit, class_logits
 
 

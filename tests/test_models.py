@@ -54,6 +54,41 @@ def test_projection_depends_on_label():
     assert not torch.allclose(D(x, t, torch.tensor([0, 0]))[0], D(x, t, torch.tensor([1, 1]))[0])
 
 
+def test_cond_bn_starts_as_batchnorm_then_follows_the_condition():
+    torch.manual_seed(0)
+    base = ModelConfig(text_dim=12, image_size=16, g_channels=8, cond_aug=True)
+    plain, cbn = Generator(base).eval(), Generator(ModelConfig(**{**base.__dict__, "cond_bn": True})).eval()
+    # Same weights where the two share them: zero-initialised scale/shift make CBN plain BatchNorm.
+    missing, unexpected = cbn.load_state_dict(plain.state_dict(), strict=False)
+    assert all("to_affine" in k for k in missing)
+    assert all(k.endswith((".weight", ".bias")) and "blocks" in k for k in unexpected)
+    for m in plain.blocks:  # plain BN's affine is the identity at initialisation
+        if isinstance(m, torch.nn.BatchNorm2d):
+            assert torch.equal(m.weight, torch.ones_like(m.weight)) and torch.equal(m.bias, torch.zeros_like(m.bias))
+    z, t = torch.randn(2, 100), torch.randn(2, 12)
+    assert torch.allclose(plain(z, t)[0], cbn(z, t)[0], atol=1e-6)
+    with torch.no_grad():
+        for m in cbn.modules():
+            if hasattr(m, "to_affine"):
+                m.to_affine.weight.normal_()
+    # With a learnt scale/shift the output now depends on the condition at every layer.
+    assert not torch.allclose(cbn(z, t)[0], plain(z, t)[0], atol=1e-4)
+
+
+def test_text_projection_adds_caption_feature_inner_product():
+    cfg = ModelConfig(text_dim=12, n_classes=4, image_size=16, d_channels=8, d_head="none", spectral_norm=True,
+                      text_proj=True)
+    D = Discriminator(cfg).eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.randn(2, 12)
+    with torch.no_grad():
+        h = D.features(x)
+        tv = D.text(t)
+        j = D.joint(torch.cat([h, tv[:, :, None, None].expand(-1, -1, 4, 4)], dim=1))
+        expected = D.adv(j).flatten() + (D.text_embed(tv) * h.sum(dim=(2, 3))).sum(dim=1)
+        assert torch.allclose(D(x, t)[0], expected, atol=1e-5)
+        assert (D.text_embed(tv) * h.sum(dim=(2, 3))).sum(dim=1).abs().min() > 0
+
+
 def test_losses_match_formulas():
     real, wrong, fake = torch.tensor([2.0, 0.5]), torch.tensor([-0.5, 0.2]), torch.tensor([-2.0, 3.0])
     hinge = d_adversarial(real, wrong, fake, "hinge")

@@ -246,7 +246,9 @@ class InceptionExtractor:
             kwargs = {"return_features": True}
         else:
             x = resize_bilinear_tf1(x.float(), FID_SIZE)
-            inputs = ((x - 128.0) / 128.0,)
+            # channels_last: ~20 % faster on CPU (pooling and oneDNN convolutions skip layout
+            # reorders); features agree with contiguous input to ~1e-6 relative (docs/EVALUATION.md).
+            inputs = (((x - 128.0) / 128.0).contiguous(memory_format=torch.channels_last),)
             kwargs = {}
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             out = self.module(*inputs, **kwargs)
