@@ -2,7 +2,9 @@
 
 Both follow DCGAN at 64x64 (a 4x4 seed doubled by stride-2 (transposed) convolutions), with the
 text joined the way the reference design does it: a learned projection of the sentence vector,
-concatenated to the noise in G and replicated over D's 4x4 feature map.
+concatenated to the noise in G and replicated over D's 4x4 feature map. Two options carry the
+caption further (`cond_bn`: into every BatchNorm of G; `text_proj`: a caption projection term in
+D's logit); the `modern` recipe uses both.
 """
 
 from __future__ import annotations
