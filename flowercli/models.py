@@ -111,8 +111,6 @@ class Generator(nn.Module):
         cond, mu, logvar = self.cond(text, eps)
         h = self.fc(torch.cat([cond, z], dim=1)).view(-1, self.seed_channels, 4, 4)
         h = self.act(self.fc_norm(h))
-        if not self.cfg.cond_bn:
-            return self.blocks(h), mu, logvar
         for block in self.blocks:
             h = block(h, cond) if isinstance(block, CondBatchNorm) else block(h)
         return h, mu, logvar
@@ -157,10 +155,11 @@ class Discriminator(nn.Module):
         class_logits = None
         if self.aux is not None:
             class_logits = self.aux(h.flatten(1))
+        pooled = h.sum(dim=(2, 3))
         if self.embed is not None and labels is not None:
-            logit = logit + (self.embed(labels) * h.sum(dim=(2, 3))).sum(dim=1)
+            logit = logit + (self.embed(labels) * pooled).sum(dim=1)
         if self.text_embed is not None:
-            logit = logit + (self.text_embed(t_vec) * h.sum(dim=(2, 3))).sum(dim=1)
+            logit = logit + (self.text_embed(t_vec) * pooled).sum(dim=1)
         return logit, class_logits
 
 
