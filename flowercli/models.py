@@ -67,10 +67,8 @@ class CondBatchNorm(nn.BatchNorm2d):
         nn.init.zeros_(self.to_affine.weight)
         nn.init.zeros_(self.to_affine.bias)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         x = super().forward(x)
-        if cond is None:
-            return x
         gamma, beta = self.to_affine(cond)[:, :, None, None].chunk(2, dim=1)
         return x * (1 + gamma) + beta
 
