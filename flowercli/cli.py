@@ -294,7 +294,8 @@ def train(
     cond_aug: Optional[bool] = typer.Option(None, "--cond-aug/--no-cond-aug", help="Conditioning augmentation + KL term."),
     loss: Optional[str] = typer.Option(None, "--loss", help="bce or hinge."),
     spectral_norm: Optional[bool] = typer.Option(None, "--spectral-norm/--no-spectral-norm", help="Spectral normalisation in D."),
-    d_head: Optional[str] = typer.Option(None, "--d-head", help="aux (class head), projection or none."),
+    d_head: Optional[str] = typer.Option(None, "--d-head", help="aux (class head), projection, both or none."),
+    aux_weight: Optional[float] = typer.Option(None, "--aux-weight", help="Weight of the class head's cross-entropy (--d-head aux or both) [default: 1]."),
     ma_gp: Optional[float] = typer.Option(None, "--ma-gp", help="Weight of the matching-aware gradient penalty (0 = off)."),
     diffaug: Optional[str] = typer.Option(None, "--diffaug", help='DiffAugment policy, e.g. "color,translation,cutout" ("" = off).'),
     ema: Optional[float] = typer.Option(None, "--ema", help="EMA decay of the generator used for samples (0 = off)."),
@@ -329,7 +330,7 @@ def train(
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr_g=lr, lr_d=lr_d, seed=seed, device=device,
         precision=precision, threads=threads, split=split, image_size=image_size, checkpoint_every=checkpoint_every, keep=keep,
         sample_every=sample_every, cond_aug=cond_aug, loss=loss, spectral_norm=spectral_norm, d_head=d_head,
-        ma_gp=ma_gp, diffaug=diffaug, ema=ema, gan_int=gan_int, g_channels=g_channels, d_channels=d_channels,
+        aux_weight=aux_weight, ma_gp=ma_gp, diffaug=diffaug, ema=ema, gan_int=gan_int, g_channels=g_channels, d_channels=d_channels,
         cond_bn=cond_bn, text_proj=text_proj,
     ).items() if v is not None}
     data_dir = data_dir or default_data_dir()

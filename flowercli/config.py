@@ -135,8 +135,8 @@ class ModelConfig:
     kl_weight: float = 1.0
     loss: str = "bce"  # bce | hinge
     spectral_norm: bool = False  # in D; replaces BatchNorm there
-    d_head: str = "aux"  # aux (class head + cross-entropy) | projection | none
-    aux_weight: float = 1.0
+    d_head: str = "aux"  # aux (class head + cross-entropy) | projection | both | none
+    aux_weight: float = 1.0  # weight of the class head's cross-entropy (aux, both)
     ma_gp: float = 0.0  # weight of DF-GAN's matching-aware gradient penalty (0 = off)
     diffaug: str = ""  # DiffAugment policy, e.g. "color,translation,cutout"
     gan_int: float = 0.0  # weight of the G term on interpolated caption vectors (GAN-INT)

@@ -119,7 +119,9 @@ class Discriminator(nn.Module):
 
     Heads: a real/fake logit for the (image, text) pair, and for `d_head="aux"` class logits from
     the image features alone (so it cannot read the class off the caption); `d_head="projection"`
-    instead adds <embed(class), pooled image features> to the logit (Miyato & Koyama 2018).
+    instead adds <embed(class), pooled image features> to the logit (Miyato & Koyama 2018);
+    `d_head="both"` has the two (the head's cross-entropy, weighted by `aux_weight`, pushes G's images
+    to be recognisable as the class on top of the projection's real/fake pressure).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -139,8 +141,8 @@ class Discriminator(nn.Module):
         self.text = nn.Sequential(sn(nn.Linear(cfg.text_dim, cfg.cond_dim)), nn.LeakyReLU(0.2))
         self.joint = nn.Sequential(sn(nn.Conv2d(ch + cfg.cond_dim, ch, 1)), nn.LeakyReLU(0.2))
         self.adv = sn(nn.Conv2d(ch, 1, 4))
-        self.aux = sn(nn.Linear(ch * 16, cfg.n_classes)) if cfg.d_head == "aux" else None
-        self.embed = sn(nn.Embedding(cfg.n_classes, ch)) if cfg.d_head == "projection" else None
+        self.aux = sn(nn.Linear(ch * 16, cfg.n_classes)) if cfg.d_head in ("aux", "both") else None
+        self.embed = sn(nn.Embedding(cfg.n_classes, ch)) if cfg.d_head in ("projection", "both") else None
         self.text_embed = sn(nn.Linear(cfg.cond_dim, ch)) if cfg.text_proj else None
 
     def forward(self, images: torch.Tensor, text: torch.Tensor, labels: torch.Tensor | None = None):

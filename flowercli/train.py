@@ -638,8 +638,10 @@ def validate_config(cfg: TrainConfig) -> None:
         raise InputError("--batch-size must be at least 2 and --epochs at least 1")
     if m.loss not in ("bce", "hinge"):
         raise InputError(f"unknown --loss {m.loss!r}; use bce or hinge")
-    if m.d_head not in ("aux", "projection", "none"):
-        raise InputError(f"unknown --d-head {m.d_head!r}; use aux, projection or none")
+    if m.d_head not in ("aux", "projection", "both", "none"):
+        raise InputError(f"unknown --d-head {m.d_head!r}; use aux, projection, both or none")
+    if m.aux_weight < 0:
+        raise InputError(f"--aux-weight must be 0 or more, got {m.aux_weight}")
     unknown = [p for p in m.diffaug.split(",") if p.strip() and p.strip() not in DIFFAUG_NAMES]
     if unknown:
         raise InputError(f"unknown --diffaug part {unknown[0]!r}; use a comma list of {', '.join(DIFFAUG_NAMES)} or \"\"")

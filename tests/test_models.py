@@ -18,7 +18,7 @@ from flowercli.models import Discriminator, Generator, recalibrate_batchnorm
 
 
 @pytest.mark.parametrize("size", [16, 32, 64])
-@pytest.mark.parametrize("head", ["aux", "projection", "none"])
+@pytest.mark.parametrize("head", ["aux", "projection", "both", "none"])
 def test_shapes(size, head):
     cfg = ModelConfig(text_dim=12, n_classes=5, image_size=size, g_channels=8, d_channels=8, cond_dim=6,
                       cond_aug=True, spectral_norm=head != "aux", d_head=head)
@@ -29,7 +29,8 @@ def test_shapes(size, head):
     assert mu.shape == logvar.shape == (3, 6)
     logit, cls = D(img, t, torch.tensor([0, 1, 4]))
     assert logit.shape == (3,)
-    assert (cls is not None) == (head == "aux")
+    assert (cls is not None) == (head in ("aux", "both"))
+    assert (D.embed is not None) == (head in ("projection", "both"))
 
 
 def test_bad_image_size():

@@ -44,6 +44,7 @@ OPTIONS = {
     "cond_bn_reference": ("reference", {"cond_bn": True, "text_proj": True}),
     "aux_head": ("modern", {"d_head": "aux"}),
     "no_head": ("modern", {"d_head": "none"}),
+    "both_heads": ("modern", {"d_head": "both", "aux_weight": 0.1}),
     "bf16": ("modern", {"precision": "bf16"}),
     "split_images": ("modern", {"split": "images"}),
     "split_all": ("modern", {"split": "all"}),
@@ -215,13 +216,15 @@ def test_ddp_two_cpu_processes(tmp_path, embedded_dir):
 def test_train_cli_json_and_errors(tmp_path, embedded_dir):
     args = ["train", "--data-dir", str(embedded_dir), "--runs-dir", str(tmp_path / "runs"), "--run", "c",
             "--image-size", "16", "--g-channels", "8", "--d-channels", "8", "--batch-size", "4", "--max-steps", "1"]
-    res = runner.invoke(app, args + ["--json", "--threads", "1", "--no-cond-bn", "--text-proj"])
+    res = runner.invoke(app, args + ["--json", "--threads", "1", "--no-cond-bn", "--text-proj", "--d-head", "both",
+                                     "--aux-weight", "0.25"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["step"] == 1 and Path(out["checkpoint"]).is_file()
     saved = json.loads((tmp_path / "runs" / "c" / "config.json").read_text())
     assert saved["threads"] == 1
     assert saved["config"]["model"]["cond_bn"] is False and saved["config"]["model"]["text_proj"] is True
+    assert saved["config"]["model"]["d_head"] == "both" and saved["config"]["model"]["aux_weight"] == 0.25
     bad = runner.invoke(app, args[:3] + ["--runs-dir", str(tmp_path / "r2"), "--split", "nope"])
     assert bad.exit_code == 1 and "unknown split" in bad.output
     missing = runner.invoke(app, ["train", "--data-dir", str(tmp_path / "nothing"), "--runs-dir", str(tmp_path / "r3")])
