@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -60,8 +59,7 @@ def main() -> None:
     extractor = load_extractor(None, layout.cache_dir, device="cpu", precision="fp32", allow_download=False, reporter=rep)
     image_ids, labels = np.asarray(emb.image_ids, np.int64), np.asarray(emb.labels, np.int64)
     real, fingerprint = ev.real_features(extractor, layout, image_ids, gen.image_size, cfg.batch_size, rep)
-    key_base = {"extractor": extractor.key, "size": gen.image_size, "data": fingerprint[:16],
-                "ids": hashlib.sha256(image_ids.tobytes()).hexdigest()[:16]}
+    key_base = ev.real_cache_key(extractor, gen.image_size, fingerprint, image_ids)
     clf, held_idx = ev.real_classifier(real, labels, key_base, cfg, layout.cache_dir, rep)
     unseen = np.unique(labels[test_mask])
     rows = np.flatnonzero(test_mask)

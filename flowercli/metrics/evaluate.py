@@ -129,6 +129,12 @@ def real_features(extractor, layout: DataLayout, image_ids: np.ndarray, size: in
     return np.concatenate(feats), fingerprint
 
 
+def real_cache_key(extractor, size: int, fingerprint: str, image_ids: np.ndarray) -> dict:
+    """What every cached real-side result depends on: the network, the size, the image files and ids."""
+    return {"extractor": extractor.key, "size": size, "data": fingerprint[:16],
+            "ids": hashlib.sha256(image_ids.tobytes()).hexdigest()[:16]}
+
+
 def real_split_stats(features: np.ndarray, key_base: dict, name: str, cache_dir: Path, seed: int,
                      reporter: Reporter) -> dict[str, Any]:
     """mu, sigma, sigma^(1/2) of the split's real features and the FID between two disjoint halves."""
@@ -350,8 +356,7 @@ def evaluate(cfg: EvalConfig, generator, reporter: Reporter = Reporter(), extrac
     image_ids = np.asarray(emb.image_ids, np.int64)
     labels = np.asarray(emb.labels, np.int64)
     real, fingerprint = real_features(extractor, layout, image_ids, size, cfg.batch_size, reporter)
-    key_base = {"extractor": extractor.key, "size": size, "data": fingerprint[:16],
-                "ids": hashlib.sha256(image_ids.tobytes()).hexdigest()[:16]}
+    key_base = real_cache_key(extractor, size, fingerprint, image_ids)
     stats = real_split_stats(real[main_rows], {**key_base, "mode": mode}, f"{mode}-{main_name}",
                              layout.cache_dir, cfg.seed, reporter)
     clf, held_idx = real_classifier(real, labels, key_base, cfg, layout.cache_dir, reporter)
