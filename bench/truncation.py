@@ -44,10 +44,10 @@ def main() -> None:
             z, eps = super().noise(seeds)
             return z * self.psi, eps
 
+    loaded = load_generator(Path(args.checkpoint), "cpu")
+    gen = Truncated(**{f: getattr(loaded, f) for f in ("G", "meta", "checkpoint", "device")})
     for psi in (float(x) for x in args.psi.split(",")):
         t0 = time.perf_counter()
-        loaded = load_generator(Path(args.checkpoint), "cpu")
-        gen = Truncated(**{f: getattr(loaded, f) for f in ("G", "meta", "checkpoint", "device")})
         gen.psi = psi
         out = Path(args.out) / f"psi{psi}"
         out.mkdir(parents=True, exist_ok=True)
