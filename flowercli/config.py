@@ -140,6 +140,9 @@ class ModelConfig:
     ma_gp: float = 0.0  # weight of DF-GAN's matching-aware gradient penalty (0 = off)
     diffaug: str = ""  # DiffAugment policy, e.g. "color,translation,cutout"
     gan_int: float = 0.0  # weight of the G term on interpolated caption vectors (GAN-INT)
+    # Weight of MSGAN's mode-seeking term: G is penalised when two noise vectors give the same
+    # image for one caption (every run so far drew near-identical columns from different noise).
+    mode_seek: float = 0.0
     # Text at every generator layer: BatchNorm's scale and shift predicted from the condition
     # (conditional BatchNorm, as the affine text fusion of DF-GAN); off = text enters the first layer only.
     cond_bn: bool = False

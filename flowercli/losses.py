@@ -52,6 +52,17 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean()
 
 
+def mode_seeking(fake_a: torch.Tensor, fake_b: torch.Tensor, z_a: torch.Tensor, z_b: torch.Tensor,
+                 eps: float = 1e-5) -> torch.Tensor:
+    """MSGAN's mode-seeking term (Mao et al. 2019): 1 / (image distance / noise distance).
+
+    Minimising it pushes G to map different noise for the same caption to different images; the
+    eps keeps it finite when G ignores its noise altogether, which is the case it is there for.
+    """
+    ratio = (fake_a - fake_b).abs().mean() / (z_a - z_b).abs().mean()
+    return 1.0 / (ratio + eps)
+
+
 def matching_aware_gp(out: torch.Tensor, images: torch.Tensor, text: torch.Tensor,
                       k: float = 2.0, p: float = 6.0) -> torch.Tensor:
     """DF-GAN's MA-GP: penalise D's gradient at real images with their matching text.

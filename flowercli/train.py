@@ -43,6 +43,7 @@ from flowercli.losses import (
     masked_mean,
     matching_aware_gp,
     mismatch,
+    mode_seeking,
 )
 from flowercli.models import Discriminator, Generator, count_parameters, recalibrate_batchnorm
 from flowercli.report import Reporter
@@ -525,6 +526,15 @@ def train_step(nets: Nets, b: Batch, g: torch.Generator, mcfg: ModelConfig,
             fake_int = G(z2, text_int, eps2)[0]
             out_int = D(diff_augment(fake_int, mcfg.diffaug, g), text_int)[0]
             loss_g = loss_g + mcfg.gan_int * g_adversarial(out_int.float(), mcfg.loss)
+        if mcfg.mode_seek:
+            # Half the batch again with new noise (same captions, same condition noise): half a
+            # G forward more per step instead of a whole one.
+            h = max(1, len(b.z) // 2)
+            z2 = torch.randn((h, b.z.shape[1]), generator=g, device=g.device).to(b.z.device)
+            fake2 = G(z2, text[:h], b.eps[:h] if b.eps is not None else None)[0]
+            ms = mode_seeking(fake[:h].float(), fake2.float(), b.z[:h], z2)
+            stats["mode_seek"] = ms.detach()
+            loss_g = loss_g + mcfg.mode_seek * ms
     opt_G.zero_grad(set_to_none=True)
     loss_g.backward()
     loss_g = loss_g.detach()
@@ -642,6 +652,8 @@ def validate_config(cfg: TrainConfig) -> None:
         raise InputError(f"unknown --d-head {m.d_head!r}; use aux, projection, both or none")
     if m.aux_weight < 0:
         raise InputError(f"--aux-weight must be 0 or more, got {m.aux_weight}")
+    if m.mode_seek < 0:
+        raise InputError(f"--mode-seek must be 0 or more, got {m.mode_seek}")
     unknown = [p for p in m.diffaug.split(",") if p.strip() and p.strip() not in DIFFAUG_NAMES]
     if unknown:
         raise InputError(f"unknown --diffaug part {unknown[0]!r}; use a comma list of {', '.join(DIFFAUG_NAMES)} or \"\"")

@@ -13,6 +13,7 @@ from flowercli.losses import (
     kl_divergence,
     matching_aware_gp,
     mismatch,
+    mode_seeking,
 )
 from flowercli.models import Discriminator, Generator, recalibrate_batchnorm
 
@@ -109,6 +110,17 @@ def test_losses_match_formulas():
 def test_kl_zero_at_standard_normal():
     assert kl_divergence(torch.zeros(4, 3), torch.zeros(4, 3)).item() == 0
     assert kl_divergence(torch.ones(1, 2), torch.zeros(1, 2)).item() == pytest.approx(0.5)
+
+
+def test_mode_seeking_formula_and_direction():
+    z_a, z_b = torch.zeros(2, 4), torch.full((2, 4), 2.0)  # noise distance 2
+    a = torch.zeros(2, 3, 4, 4)
+    assert mode_seeking(a, a + 0.5, z_a, z_b).item() == pytest.approx(1 / (0.25 + 1e-5))
+    assert mode_seeking(a, a.clone(), z_a, z_b).item() == pytest.approx(1e5)  # G ignoring z: large, finite
+    # A step against its gradient moves the two images apart.
+    b = (a + 0.1).requires_grad_(True)
+    mode_seeking(a, b, z_a, z_b).backward()
+    assert ((b - 0.01 * b.grad) - a).abs().mean() > (b - a).abs().mean()
 
 
 def test_ma_gp_matches_manual_gradient():
