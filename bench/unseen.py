@@ -57,10 +57,7 @@ def main() -> None:
     emb = ev.load_embeddings(ev.resolve_embeddings(gen.meta, layout))
     mode, _, test_mask = ev.split_masks(emb, gen.meta.get("split"))
     extractor = load_extractor(None, layout.cache_dir, device="cpu", precision="fp32", allow_download=False, reporter=rep)
-    image_ids, labels = np.asarray(emb.image_ids, np.int64), np.asarray(emb.labels, np.int64)
-    real, fingerprint = ev.real_features(extractor, layout, image_ids, gen.image_size, cfg.batch_size, rep)
-    key_base = ev.real_cache_key(extractor, gen.image_size, fingerprint, image_ids)
-    clf, held_idx = ev.real_classifier(real, labels, key_base, cfg, layout.cache_dir, rep)
+    real, labels, _, clf, held_idx = ev.real_side(extractor, layout, emb, gen.image_size, cfg, rep)
     unseen = np.unique(labels[test_mask])
     rows = np.flatnonzero(test_mask)
     _, feats, plan_rows, _ = ev.generated_side(gen, extractor, emb, rows, cfg.n, cfg.seed,

@@ -19,7 +19,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -175,6 +175,24 @@ def real_classifier(features: np.ndarray, labels: np.ndarray, key_base: dict, cf
                            seed=cfg.classifier_seed)
     cache.save(path, key, clf.to_arrays())
     return clf, held_idx
+
+
+class RealSide(NamedTuple):
+    features: np.ndarray  # one row per image of the embeddings file
+    labels: np.ndarray
+    key_base: dict  # what every cached real-side result is filed under
+    classifier: LinearClassifier
+    held_idx: np.ndarray  # rows the classifier never saw (its ceiling is measured on them)
+
+
+def real_side(extractor, layout: DataLayout, emb, size: int, cfg: EvalConfig, reporter: Reporter) -> RealSide:
+    """Features of every real image, their cache key and the real-image classifier, each cached."""
+    image_ids = np.asarray(emb.image_ids, np.int64)
+    labels = np.asarray(emb.labels, np.int64)
+    features, fingerprint = real_features(extractor, layout, image_ids, size, cfg.batch_size, reporter)
+    key_base = real_cache_key(extractor, size, fingerprint, image_ids)
+    clf, held_idx = real_classifier(features, labels, key_base, cfg, layout.cache_dir, reporter)
+    return RealSide(features, labels, key_base, clf, held_idx)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,13 +371,9 @@ def evaluate(cfg: EvalConfig, generator, reporter: Reporter = Reporter(), extrac
 
     # Real side: features of every image once, then statistics and the classifier from them.
     t = time.perf_counter()
-    image_ids = np.asarray(emb.image_ids, np.int64)
-    labels = np.asarray(emb.labels, np.int64)
-    real, fingerprint = real_features(extractor, layout, image_ids, size, cfg.batch_size, reporter)
-    key_base = real_cache_key(extractor, size, fingerprint, image_ids)
+    real, labels, key_base, clf, held_idx = real_side(extractor, layout, emb, size, cfg, reporter)
     stats = real_split_stats(real[main_rows], {**key_base, "mode": mode}, f"{mode}-{main_name}",
                              layout.cache_dir, cfg.seed, reporter)
-    clf, held_idx = real_classifier(real, labels, key_base, cfg, layout.cache_dir, reporter)
     timings["real_side_s"] = time.perf_counter() - t
 
     # Generated side.
