@@ -301,6 +301,7 @@ def train(
     ema: Optional[float] = typer.Option(None, "--ema", help="EMA decay of the generator used for samples (0 = off)."),
     gan_int: Optional[float] = typer.Option(None, "--gan-int", help="Weight of the GAN-INT term on interpolated captions (0 = off)."),
     mode_seek: Optional[float] = typer.Option(None, "--mode-seek", help="Weight of the mode-seeking term that makes G use its noise (0 = off)."),
+    contrastive: Optional[float] = typer.Option(None, "--contrastive", help="Weight of the image-caption contrastive term in D and G (0 = off)."),
     cond_bn: Optional[bool] = typer.Option(None, "--cond-bn/--no-cond-bn", help="Text at every generator layer (conditional BatchNorm)."),
     text_proj: Optional[bool] = typer.Option(None, "--text-proj/--no-text-proj", help="Caption projection term in D's logit."),
     g_channels: Optional[int] = typer.Option(None, "--g-channels", min=4, help="Generator width [recipe default: modern 32, reference 64]."),
@@ -332,7 +333,7 @@ def train(
         precision=precision, threads=threads, split=split, image_size=image_size, checkpoint_every=checkpoint_every, keep=keep,
         sample_every=sample_every, cond_aug=cond_aug, loss=loss, spectral_norm=spectral_norm, d_head=d_head,
         aux_weight=aux_weight, ma_gp=ma_gp, diffaug=diffaug, ema=ema, gan_int=gan_int, g_channels=g_channels, d_channels=d_channels,
-        cond_bn=cond_bn, text_proj=text_proj, mode_seek=mode_seek,
+        cond_bn=cond_bn, text_proj=text_proj, mode_seek=mode_seek, contrastive=contrastive,
     ).items() if v is not None}
     data_dir = data_dir or default_data_dir()
     runs_dir = runs_dir or default_runs_dir()

@@ -143,6 +143,9 @@ class ModelConfig:
     # Weight of MSGAN's mode-seeking term: G is penalised when two noise vectors give the same
     # image for one caption (every run so far drew near-identical columns from different noise).
     mode_seek: float = 0.0
+    # Weight of the image-caption contrastive term (XMC-GAN): D's pooled image features must pick
+    # their own caption out of the batch, on real images in D's step and on G's images in G's step.
+    contrastive: float = 0.0
     # Text at every generator layer: BatchNorm's scale and shift predicted from the condition
     # (conditional BatchNorm, as the affine text fusion of DF-GAN); off = text enters the first layer only.
     cond_bn: bool = False

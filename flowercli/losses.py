@@ -63,6 +63,25 @@ def mode_seeking(fake_a: torch.Tensor, fake_b: torch.Tensor, z_a: torch.Tensor, 
     return 1.0 / (ratio + eps)
 
 
+def contrastive(img: torch.Tensor, txt: torch.Tensor, labels: torch.Tensor | None = None,
+                temperature: float = 0.1) -> torch.Tensor:
+    """Image-caption InfoNCE over the batch (XMC-GAN, Zhang et al. 2021), symmetric.
+
+    Each image must pick its own caption among the batch's captions, and each caption its image,
+    by cosine similarity / temperature. A caption of another image of the same class is not a
+    wrong answer (both may describe either image), so those pairs are left out when `labels` are given.
+    """
+    img = F.normalize(img.float(), dim=1)
+    txt = F.normalize(txt.float(), dim=1)
+    logits = img @ txt.T / temperature
+    if labels is not None:
+        same = labels[:, None] == labels[None, :]
+        same.fill_diagonal_(False)
+        logits = logits.masked_fill(same, float("-inf"))
+    target = torch.arange(len(img), device=img.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
 def matching_aware_gp(out: torch.Tensor, images: torch.Tensor, text: torch.Tensor,
                       k: float = 2.0, p: float = 6.0) -> torch.Tensor:
     """DF-GAN's MA-GP: penalise D's gradient at real images with their matching text.

@@ -144,9 +144,19 @@ class Discriminator(nn.Module):
         self.aux = sn(nn.Linear(ch * 16, cfg.n_classes)) if cfg.d_head in ("aux", "both") else None
         self.embed = sn(nn.Embedding(cfg.n_classes, ch)) if cfg.d_head in ("projection", "both") else None
         self.text_embed = sn(nn.Linear(cfg.cond_dim, ch)) if cfg.text_proj else None
+        # Heads into the shared space of the contrastive term; plain linear layers, since the
+        # term compares directions only.
+        if cfg.contrastive:
+            self.ctr_image, self.ctr_text = nn.Linear(ch, ch), nn.Linear(cfg.cond_dim, ch)
+        else:
+            self.ctr_image = self.ctr_text = None
 
-    def forward(self, images: torch.Tensor, text: torch.Tensor, labels: torch.Tensor | None = None):
-        """Returns (logit (N,), class_logits (N, C) or None). `labels` (0-based) feed the projection."""
+    def forward(self, images: torch.Tensor, text: torch.Tensor, labels: torch.Tensor | None = None,
+                embed: bool = False):
+        """Returns (logit (N,), class_logits (N, C) or None). `labels` (0-based) feed the projection.
+
+        With `embed` (needs `contrastive`) a third item: (image, caption) vectors for the contrastive term.
+        """
         h = self.features(images)
         t_vec = self.text(text)
         t = t_vec[:, :, None, None].expand(-1, -1, h.shape[2], h.shape[3])
@@ -160,6 +170,8 @@ class Discriminator(nn.Module):
             logit = logit + (self.embed(labels) * pooled).sum(dim=1)
         if self.text_embed is not None:
             logit = logit + (self.text_embed(t_vec) * pooled).sum(dim=1)
+        if embed:
+            return logit, class_logits, (self.ctr_image(pooled), self.ctr_text(t_vec))
         return logit, class_logits
 
 

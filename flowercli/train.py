@@ -37,6 +37,7 @@ from flowercli.losses import (
     d_adversarial,
     diff_augment,
     ema_decay,
+    contrastive,
     ema_update,
     g_adversarial,
     kl_divergence,
@@ -482,17 +483,26 @@ def train_step(nets: Nets, b: Batch, g: torch.Generator, mcfg: ModelConfig,
             text_d = text.detach().requires_grad_(True)
         else:
             text_d = text
+        ctr = bool(mcfg.contrastive)
         if opts.one_d_forward:
-            out, cls = D(torch.cat([real_in, wrong_in, fake_in]), torch.cat([text_d, text, text]), labels.repeat(3))
+            out, cls, *emb = D(torch.cat([real_in, wrong_in, fake_in]), torch.cat([text_d, text, text]),
+                               labels.repeat(3), embed=ctr)
             out_real, out_wrong, out_fake = out.float().chunk(3)
             cls_real, cls_wrong, cls_fake = cls.float().chunk(3) if cls is not None else (None, None, None)
+            emb_real = tuple(e[:len(x)] for e in emb[0]) if ctr else None
         else:
             # One spectral-norm weight (one power iteration) for the three calls, as in one forward.
             with torch.nn.utils.parametrize.cached():
-                (out_real, cls_real), (out_wrong, cls_wrong), (out_fake, cls_fake) = (
-                    D(real_in, text_d, labels), D(wrong_in, text, labels), D(fake_in, text, labels))
+                out_real, cls_real, *emb = D(real_in, text_d, labels, embed=ctr)
+                (out_wrong, cls_wrong), (out_fake, cls_fake) = D(wrong_in, text, labels), D(fake_in, text, labels)
+            emb_real = emb[0] if ctr else None
         loss_d = d_adversarial(out_real.float(), out_wrong.float(), out_fake.float(), mcfg.loss, b.wrong_mask)
         stats = {}
+        if ctr:
+            # Real images only: D learns which caption goes with which image, G is then held to it.
+            c = contrastive(*emb_real, labels)
+            stats["contrastive_d"] = c.detach()
+            loss_d = loss_d + mcfg.contrastive * c
         if cls_real is not None:
             stats["cls_acc_real"] = (cls_real.detach().argmax(1) == labels).float().mean()
             stats["cls_acc_fake"] = (cls_fake.detach().argmax(1) == labels).float().mean()
@@ -512,8 +522,12 @@ def train_step(nets: Nets, b: Batch, g: torch.Generator, mcfg: ModelConfig,
     # --- Generator step: make D call its image real (and of the caption's class).
     D.requires_grad_(False)
     with autocast(device, opts.autocast_dtype):
-        out_fake, cls_fake = D(diff_augment(fake, mcfg.diffaug, g), text, labels)
+        out_fake, cls_fake, *emb = D(diff_augment(fake, mcfg.diffaug, g), text, labels, embed=ctr)
         loss_g = g_adversarial(out_fake.float(), mcfg.loss)
+        if ctr:
+            c = contrastive(*emb[0], labels)
+            stats["contrastive_g"] = c.detach()
+            loss_g = loss_g + mcfg.contrastive * c
         if cls_fake is not None:
             loss_g = loss_g + mcfg.aux_weight * F.cross_entropy(cls_fake.float(), labels)
         if mu is not None:
@@ -654,6 +668,8 @@ def validate_config(cfg: TrainConfig) -> None:
         raise InputError(f"--aux-weight must be 0 or more, got {m.aux_weight}")
     if m.mode_seek < 0:
         raise InputError(f"--mode-seek must be 0 or more, got {m.mode_seek}")
+    if m.contrastive < 0:
+        raise InputError(f"--contrastive must be 0 or more, got {m.contrastive}")
     unknown = [p for p in m.diffaug.split(",") if p.strip() and p.strip() not in DIFFAUG_NAMES]
     if unknown:
         raise InputError(f"unknown --diffaug part {unknown[0]!r}; use a comma list of {', '.join(DIFFAUG_NAMES)} or \"\"")

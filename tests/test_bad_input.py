@@ -291,6 +291,7 @@ ROWS: dict[str, Row] = {
     "train: --d-head nope": Row(lambda c: train_args(c, c.fx("embedded_dir"), "--d-head", "nope"), 1, ("'nope'",)),
     "train: --aux-weight -1": Row(lambda c: train_args(c, c.fx("embedded_dir"), "--aux-weight", "-1"), 1, ("--aux-weight",)),
     "train: --mode-seek -1": Row(lambda c: train_args(c, c.fx("embedded_dir"), "--mode-seek", "-1"), 1, ("--mode-seek",)),
+    "train: --contrastive -1": Row(lambda c: train_args(c, c.fx("embedded_dir"), "--contrastive", "-1"), 1, ("--contrastive",)),
     "train: --diffaug nope": Row(lambda c: train_args(c, c.fx("embedded_dir"), "--diffaug", "nope"), 1, ("nope",)),
     "train: --image-size 48": Row(lambda c: train_args(c, c.fx("embedded_dir"), "--image-size", "48"), 1,
                                   ("48", "power of two")),

@@ -5,6 +5,7 @@ import torch
 
 from flowercli.config import ModelConfig
 from flowercli.losses import (
+    contrastive,
     d_adversarial,
     diff_augment,
     ema_decay,
@@ -121,6 +122,44 @@ def test_mode_seeking_formula_and_direction():
     b = (a + 0.1).requires_grad_(True)
     mode_seeking(a, b, z_a, z_b).backward()
     assert ((b - 0.01 * b.grad) - a).abs().mean() > (b - a).abs().mean()
+
+
+def test_contrastive_formula_masking_and_direction():
+    img = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    txt = torch.tensor([[2.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    cos = torch.nn.functional.normalize(img, dim=1) @ torch.nn.functional.normalize(txt, dim=1).T
+    s = cos / 0.1
+
+    def nce(m):  # -log softmax of the diagonal, rows of m
+        return -(m.diag() - m.logsumexp(1)).mean()
+    assert contrastive(img, txt).item() == pytest.approx(0.5 * (nce(s) + nce(s.T)).item(), rel=1e-5)
+    # Images 0 and 2 share a class: their captions are not each other's negatives.
+    masked = s.clone()
+    masked[0, 2] = masked[2, 0] = float("-inf")
+    got = contrastive(img, txt, torch.tensor([7, 1, 7])).item()
+    assert got == pytest.approx(0.5 * (nce(masked) + nce(masked.T)).item(), rel=1e-5)
+    assert contrastive(img, txt, torch.tensor([0, 1, 2])).item() == pytest.approx(contrastive(img, txt).item())
+    # Only scale-free directions count, and a step against the gradient brings pairs together.
+    assert contrastive(5 * img, txt).item() == pytest.approx(contrastive(img, txt).item(), rel=1e-5)
+    x = img.clone().requires_grad_(True)
+    before = contrastive(x, txt)
+    before.backward()
+    assert contrastive(x - 0.1 * x.grad, txt).item() < before.item()
+    # Every caption of the batch of one class: nothing to contrast, loss 0 and finite gradients.
+    same = contrastive(x, txt, torch.tensor([3, 3, 3]))
+    assert same.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_discriminator_embeds_for_the_contrastive_term():
+    cfg = ModelConfig(text_dim=12, n_classes=4, image_size=16, d_channels=8, cond_dim=6, spectral_norm=True,
+                      d_head="projection", contrastive=1.0)
+    D = Discriminator(cfg).eval()  # eval: spectral norm's power iteration would move between calls
+    x, t = torch.randn(3, 3, 16, 16), torch.randn(3, 12)
+    logit, cls, (ei, et) = D(x, t, torch.tensor([0, 1, 2]), embed=True)
+    assert ei.shape == et.shape == (3, D.ctr_image.out_features) and logit.shape == (3,)
+    # The extra heads do not change the logit.
+    assert torch.allclose(D(x, t, torch.tensor([0, 1, 2]))[0], logit)
+    assert Discriminator(ModelConfig(text_dim=12, image_size=16, d_channels=8)).ctr_text is None
 
 
 def test_ma_gp_matches_manual_gradient():

@@ -40,6 +40,8 @@ OPTIONS = {
     "ttur": ("reference", {"lr_d": 4e-4, "lr_g": 1e-4}),
     "gan_int": ("modern", {"gan_int": 1.0}),
     "mode_seek": ("modern", {"mode_seek": 1.0}),
+    "contrastive": ("modern", {"contrastive": 1.0}),
+    "contrastive_no_sn": ("modern", {"contrastive": 1.0, "spectral_norm": False}),
     "cond_bn_off": ("modern", {"cond_bn": False}),
     "text_proj_off": ("modern", {"text_proj": False}),
     "cond_bn_reference": ("reference", {"cond_bn": True, "text_proj": True}),
@@ -218,7 +220,7 @@ def test_train_cli_json_and_errors(tmp_path, embedded_dir):
     args = ["train", "--data-dir", str(embedded_dir), "--runs-dir", str(tmp_path / "runs"), "--run", "c",
             "--image-size", "16", "--g-channels", "8", "--d-channels", "8", "--batch-size", "4", "--max-steps", "1"]
     res = runner.invoke(app, args + ["--json", "--threads", "1", "--no-cond-bn", "--text-proj", "--d-head", "both",
-                                     "--aux-weight", "0.25", "--mode-seek", "0.5"])
+                                     "--aux-weight", "0.25", "--mode-seek", "0.5", "--contrastive", "0.3"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["step"] == 1 and Path(out["checkpoint"]).is_file()
@@ -227,7 +229,9 @@ def test_train_cli_json_and_errors(tmp_path, embedded_dir):
     assert saved["config"]["model"]["cond_bn"] is False and saved["config"]["model"]["text_proj"] is True
     assert saved["config"]["model"]["d_head"] == "both" and saved["config"]["model"]["aux_weight"] == 0.25
     assert saved["config"]["model"]["mode_seek"] == 0.5
-    assert "mode_seek" in json.loads((tmp_path / "runs" / "c" / "log.jsonl").read_text().splitlines()[-1])
+    assert saved["config"]["model"]["contrastive"] == 0.3
+    logged = json.loads((tmp_path / "runs" / "c" / "log.jsonl").read_text().splitlines()[-1])
+    assert "mode_seek" in logged and "contrastive_d" in logged and "contrastive_g" in logged
     bad = runner.invoke(app, args[:3] + ["--runs-dir", str(tmp_path / "r2"), "--split", "nope"])
     assert bad.exit_code == 1 and "unknown split" in bad.output
     missing = runner.invoke(app, ["train", "--data-dir", str(tmp_path / "nothing"), "--runs-dir", str(tmp_path / "r3")])
