@@ -34,10 +34,10 @@ from flowercli.errors import CheckpointError, DataError, FlowerError, InputError
 from flowercli.fsutil import atomic_write, nearest_existing
 from flowercli.losses import (
     DIFFAUG_NAMES,
+    contrastive,
     d_adversarial,
     diff_augment,
     ema_decay,
-    contrastive,
     ema_update,
     g_adversarial,
     kl_divergence,
