@@ -30,6 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from unseen import split_answer  # noqa: E402  (bench/ is on the path when run as a script)
+
 
 def ridge(x: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
     """(W, b) minimising |xW + b - y|^2 + lam |W|^2, with x and y centred so b is not shrunk."""
@@ -53,16 +55,6 @@ def words(captions: list[list[str]], fit_on: list[str], min_count: int = 20) -> 
         for j, c in enumerate(caps):
             out[i, j, [vocab[t] for t in tokens(c) if t in vocab]] = 1.0
     return out
-
-
-def answer(clf, feats: np.ndarray, truth: np.ndarray, unseen: np.ndarray) -> dict:
-    logits = clf.logits(feats)
-    top1 = clf.classes[logits.argmax(1)]
-    cols = np.isin(clf.classes, unseen)
-    top1_unseen = clf.classes[cols][logits[:, cols].argmax(1)]
-    return {"n": int(len(truth)), "top1_102way": round(float((top1 == truth).mean()), 4),
-            "predicted_in_unseen_classes": round(float(np.isin(top1, unseen).mean()), 4),
-            "top1_20way_unseen_only": round(float((top1_unseen == truth).mean()), 4)}
 
 
 def main() -> None:
@@ -100,14 +92,15 @@ def main() -> None:
     y = np.repeat(real[rows], n_caps[rows], axis=0).astype(np.float64)
     w, b = ridge(x, y, args.lam)
 
-    out = {"embeddings": str(path), "text": args.text, "dim": int(x.shape[1]), "lam": args.lam, "split": mode, "n_fit_captions": int(len(x))}
+    out = {"embeddings": str(path), "text": args.text, "dim": int(x.shape[1]), "lam": args.lam, "split": mode,
+           "n_fit_captions": int(len(x))}
     for name, mask, seed_n in (("unseen_captions", test_mask, args.n), ("training_class_captions", train_mask, 512)):
         plan_rows, plan_caps = ev.caption_plan(emb, np.flatnonzero(mask), seed_n, cfg.seed)
         pred = vectors[plan_rows, plan_caps].astype(np.float64) @ w + b
-        out[name] = answer(clf, pred, labels[plan_rows], unseen)
+        out[name] = split_answer(clf, pred, labels[plan_rows], unseen)
     held = np.zeros(len(labels), bool)
     held[held_idx] = True
-    out["real_held_out_unseen_images"] = answer(clf, real[held & test_mask], labels[held & test_mask], unseen)
+    out["real_held_out_unseen_images"] = split_answer(clf, real[held & test_mask], labels[held & test_mask], unseen)
     print(json.dumps(out))
 
 
