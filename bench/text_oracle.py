@@ -1,7 +1,7 @@
 """How much of an unseen species' look can its captions give at all? A diagnostic for issue 5.
 
 No generator is involved. A ridge regression is fitted from caption vectors to the Inception
-features of the real images they describe, on the run's training classes only (every caption of
+features of the real images they describe, on the class split's training classes only (every caption of
 every training image). It then predicts features for the protocol's unseen-class captions (the
 same 1,024 captions `flowercli eval` uses), and the protocol's real-image classifier reads them.
 If a linear map from the caption alone rarely lands in the right unseen species, a generator
@@ -11,6 +11,7 @@ The predicted features are conditional means, so they sit nearer the centre of f
 any real image: read the figure as "what the caption vectors carry, linearly", not as a bound.
 
     python bench/text_oracle.py --data-dir D [--embeddings D/embeddings/minilm.h5] [--lam 10]
+                                [--text vectors|words]
 
 Prints one JSON object: top-1 (102-way, as the protocol), the share placed in any unseen class,
 top-1 among the 20 unseen classes only, for the unseen captions and for training-class captions
