@@ -1,8 +1,8 @@
 """How much of an unseen species' look can its captions give at all? A diagnostic for issue 5.
 
 No generator is involved. A ridge regression is fitted from caption vectors to the Inception
-features of the real images they describe, on the class split's training classes only (every caption of
-every training image). It then predicts features for the protocol's unseen-class captions (the
+features of the real images they describe, on the class split's training classes only (every
+caption of every training image). It then predicts features for the protocol's unseen-class captions (the
 same 1,024 captions `flowercli eval` uses), and the protocol's real-image classifier reads them.
 If a linear map from the caption alone rarely lands in the right unseen species, a generator
 conditioned on the same vectors has little to work from; if it often does, the generator is the gap.
