@@ -47,10 +47,15 @@ def tokens(caption: str) -> list[str]:
     return w + [a + " " + b for a, b in zip(w, w[1:])]
 
 
+def vocabulary(fit_on: list[str], min_count: int = 20) -> list[str]:
+    """The words and word pairs that occur in at least `min_count` of the captions, sorted."""
+    counts = collections.Counter(t for c in fit_on for t in set(tokens(c)))
+    return sorted(t for t, k in counts.items() if k >= min_count)
+
+
 def words(captions: list[list[str]], fit_on: list[str], min_count: int = 20) -> np.ndarray:
     """(N, 10, V) binary indicators of the vocabulary's words and word pairs in each caption."""
-    counts = collections.Counter(t for c in fit_on for t in set(tokens(c)))
-    vocab = {t: i for i, t in enumerate(sorted(t for t, k in counts.items() if k >= min_count))}
+    vocab = {t: i for i, t in enumerate(vocabulary(fit_on, min_count))}
     out = np.zeros((len(captions), len(captions[0]), len(vocab)), np.float32)
     for i, caps in enumerate(captions):
         for j, c in enumerate(caps):

@@ -23,7 +23,6 @@ the same way, so colour agreement is measured too.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import sys
 import time
@@ -33,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from text_oracle import tokens  # noqa: E402  (bench/ is on the path when run as a script)
+from text_oracle import tokens, vocabulary  # noqa: E402  (bench/ is on the path when run as a script)
 
 
 class WordFeatures:
@@ -45,8 +44,7 @@ class WordFeatures:
 
     @classmethod
     def fit(cls, captions: list[str], k: int, min_count: int) -> "WordFeatures":
-        counts = collections.Counter(t for c in captions for t in set(tokens(c)))
-        vocab = sorted(t for t, n in counts.items() if n >= min_count)
+        vocab = vocabulary(captions, min_count)
         x = cls(vocab, np.zeros(len(vocab)), np.eye(len(vocab))).indicators(captions)
         mean = x.mean(0)
         cov = np.cov(x - mean, rowvar=False)
