@@ -53,14 +53,18 @@ def vocabulary(fit_on: list[str], min_count: int = 20) -> list[str]:
     return sorted(t for t, k in counts.items() if k >= min_count)
 
 
+def indicators(captions: list[str], index: dict[str, int], dtype=np.float32) -> np.ndarray:
+    """(n, V) binary indicators of the words and word pairs of `index` (token -> column) in each caption."""
+    out = np.zeros((len(captions), len(index)), dtype)
+    for i, c in enumerate(captions):
+        out[i, [index[t] for t in tokens(c) if t in index]] = 1.0
+    return out
+
+
 def words(captions: list[list[str]], fit_on: list[str], min_count: int = 20) -> np.ndarray:
     """(N, 10, V) binary indicators of the vocabulary's words and word pairs in each caption."""
-    vocab = {t: i for i, t in enumerate(vocabulary(fit_on, min_count))}
-    out = np.zeros((len(captions), len(captions[0]), len(vocab)), np.float32)
-    for i, caps in enumerate(captions):
-        for j, c in enumerate(caps):
-            out[i, j, [vocab[t] for t in tokens(c) if t in vocab]] = 1.0
-    return out
+    index = {t: i for i, t in enumerate(vocabulary(fit_on, min_count))}
+    return indicators([c for caps in captions for c in caps], index).reshape(len(captions), len(captions[0]), -1)
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from text_oracle import tokens, vocabulary  # noqa: E402  (bench/ is on the path when run as a script)
+from text_oracle import indicators, vocabulary  # noqa: E402  (bench/ is on the path when run as a script)
 
 
 class WordFeatures:
@@ -45,20 +45,13 @@ class WordFeatures:
     @classmethod
     def fit(cls, captions: list[str], k: int, min_count: int) -> "WordFeatures":
         vocab = vocabulary(captions, min_count)
-        x = cls(vocab, np.zeros(len(vocab)), np.eye(len(vocab))).indicators(captions)
+        x = indicators(captions, {t: i for i, t in enumerate(vocab)}, np.float64)
         mean = x.mean(0)
-        cov = np.cov(x - mean, rowvar=False)
-        vals, vecs = np.linalg.eigh(cov)  # ascending
+        _, vecs = np.linalg.eigh(np.cov(x - mean, rowvar=False))  # eigenvalues ascending
         return cls(vocab, mean, vecs[:, ::-1][:, :k].copy())
 
-    def indicators(self, captions: list[str]) -> np.ndarray:
-        out = np.zeros((len(captions), len(self.vocab)), np.float64)
-        for i, c in enumerate(captions):
-            out[i, [self.index[t] for t in tokens(c) if t in self.index]] = 1.0
-        return out
-
     def __call__(self, captions: list[str]) -> np.ndarray:
-        return (self.indicators(captions) - self.mean) @ self.axes
+        return (indicators(captions, self.index, np.float64) - self.mean) @ self.axes
 
     def save(self, path: Path) -> None:
         np.savez(path, vocab=np.array(self.vocab), mean=self.mean, axes=self.axes)
@@ -135,7 +128,9 @@ def main() -> None:
     e.add_argument("--n-other", type=int, default=512)
     args = p.parse_args()
     if args.cmd == "build":
-        args.embeddings = args.embeddings or str(Path(args.data_dir) / "embeddings" / "minilm.h5")
+        from flowercli.config import DataLayout
+
+        args.embeddings = args.embeddings or str(DataLayout(Path(args.data_dir)).embeddings_file("minilm"))
         build(args)
     else:
         evaluate(args)
