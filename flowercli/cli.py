@@ -174,7 +174,7 @@ def download_cmd(
     \b
     Examples:
       flowercli download
-      flowercli download --mirror ../shared/oxford102 --captions ../shared/oxford102/captions_substitute.tgz
+      flowercli download --mirror ../shared/oxford102 --captions ../shared/oxford102/captions_reed.tgz
       flowercli download --mirror https://example.org/flowers102/ --data-dir /data/flowers
       flowercli download --captions ~/Downloads/cvpr2016_flowers.tar.gz --force
       flowercli download --json -q
@@ -192,7 +192,9 @@ def download_cmd(
     done = "already complete, verified" if info["status"] == "verified" else "installed"
     Console(stderr=True, highlight=False, soft_wrap=True).print(
         f"{info['dataset']}: {info['images']:,} images, {info['classes']} classes, {info['captions']:,} captions"
-        f" ({fewer:,} images with fewer than 10) - {done}.", markup=False)
+        f" ({fewer:,} images with fewer than 10) - {done}.\n"
+        f"Captions: {info['caption_set']['archive']} (sha256 {str(info['caption_set']['sha256'])[:12]}...); "
+        f"class split files: {', '.join(info['split_files']) or 'none'}.", markup=False)
 
 
 # --- end download -----------------------------------------------------------------------------

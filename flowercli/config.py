@@ -75,6 +75,19 @@ class DataLayout:
 
 SPLIT_FILES = ("all", "trainval", "test", "train", "val")
 
+
+def missing_split_files(found: list[str] | set[str]) -> list[str]:
+    """What a set of split names lacks for `--split classes`: testclasses.txt and the training classes.
+
+    The official archive has all five files; copies with only trainvalclasses.txt + testclasses.txt
+    exist and are enough (all is derived; train/val are used only when both are there).
+    """
+    found = set(found)
+    missing = [] if "test" in found else ["testclasses.txt"]
+    if "trainval" not in found and not {"train", "val"} <= found:
+        missing.append("trainvalclasses.txt (or trainclasses.txt + valclasses.txt)")
+    return missing
+
 # Encoder shortcuts users can type instead of a Hugging Face id or folder.
 ENCODER_ALIASES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
 

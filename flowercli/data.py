@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from flowercli.config import DataLayout
+from flowercli.config import DataLayout, missing_split_files
 from flowercli.errors import DataError, InputError
 from flowercli.fsutil import fsync_dir
 
@@ -82,21 +82,43 @@ def _class_numbers(path: Path) -> list[int]:
 def read_class_splits(layout: DataLayout) -> dict[str, list[int]] | None:
     """The zero-shot class split of Reed et al. (or its substitute), or None when the files are absent.
 
-    Keys "train", "val", "test", "trainval", "all" -> class numbers. train/val/test must exist
-    together; trainval and all are derived when their files are missing.
+    Keys "trainval", "test", "all", and "train"/"val" only where both files exist. testclasses.txt
+    plus trainvalclasses.txt (or train + val) are required; trainval and all are derived when missing.
     """
     present = {name: layout.split_file(name) for name in ("train", "val", "test", "trainval", "all")}
     have = {name for name, path in present.items() if path.is_file()}
     if not have:
         return None
-    missing = [f"{n}classes.txt" for n in SPLIT_NAMES if n not in have]
+    missing = missing_split_files(have)
     if missing:
-        raise DataError(f"class split files incomplete in {layout.dataset} (missing {', '.join(missing)}): "
+        raise DataError(f"class split files incomplete in {layout.dataset} (missing {' and '.join(missing)}): "
                         f"{_RUN_DOWNLOAD} again")
     splits = {name: _class_numbers(present[name]) for name in have}
-    splits.setdefault("trainval", sorted(splits["train"] + splits["val"]))
+    if not {"train", "val"} <= have:
+        splits.pop("train", None)
+        splits.pop("val", None)
+    splits.setdefault("trainval", sorted(splits.get("train", []) + splits.get("val", [])))
     splits.setdefault("all", sorted(splits["trainval"] + splits["test"]))
     return splits
+
+
+def read_caption_set(layout: DataLayout) -> dict[str, str]:
+    """{"captions_archive", "captions_sha256"} of the installed captions, from manifest.json ({} if unknown).
+
+    Stored in the embeddings file, and from there in every checkpoint and eval report, so no figure
+    can be mistaken for one on another caption set.
+    """
+    import json
+
+    try:
+        manifest = json.loads(layout.manifest.read_text(encoding="utf-8"))
+        rec = manifest.get("captions") or {}
+        if not rec:  # manifests written before the caption set was recorded
+            src = manifest["sources"]["captions"]
+            rec = {"archive": os.path.basename(src["file"]), "sha256": src["sha256"]}
+        return {"captions_archive": str(rec["archive"]), "captions_sha256": str(rec["sha256"])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def read_class_names(layout: DataLayout) -> list[str] | None:
@@ -160,11 +182,16 @@ def image_splits(layout: DataLayout, n_images: int) -> np.ndarray:
 
 
 def class_split_of(labels: np.ndarray, splits: dict[str, list[int]] | None) -> np.ndarray:
-    """(N,) str: the class split ("train"/"val"/"test") of each image's class; "" without split files."""
+    """(N,) str: the class split ("train"/"val"/"test") of each image's class; "" without split files.
+
+    Without separate train/val files every training class is "train".
+    """
     out = np.full(len(labels), "", dtype=object)
     if splits is not None:
+        out[np.isin(labels, splits["trainval"])] = "train"
         for name in SPLIT_NAMES:
-            out[np.isin(labels, splits[name])] = name
+            if name in splits:
+                out[np.isin(labels, splits[name])] = name
     return out.astype(str)
 
 

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 from flowercli import __version__
-from flowercli.config import SPLIT_FILES, DataLayout, DownloadConfig
+from flowercli.config import SPLIT_FILES, DataLayout, DownloadConfig, missing_split_files
 from flowercli.errors import ChecksumError, DataError, DownloadError, FlowerError, InputError
 from flowercli.report import Reporter, Task
 
@@ -148,6 +148,12 @@ def _remove_if_unused(fresh: list[Path], layout: DataLayout) -> None:
             pass
 
 
+def caption_set(record: dict) -> dict:
+    """Which caption set a dataset holds: the archive's file name and sha256, carried by every later stage."""
+    name = posixpath.basename(str(record.get("file") or "")) or _basename(str(record.get("location", "")))
+    return {"archive": name, "sha256": record.get("sha256")}
+
+
 def summary(manifest: dict, layout: DataLayout) -> dict:
     """The few facts a user or a script wants after `download` (what the CLI prints)."""
     counts = manifest.get("counts", {})
@@ -159,6 +165,8 @@ def summary(manifest: dict, layout: DataLayout) -> dict:
         "captions": counts.get("captions"),
         "images_with_fewer_than_10_captions": counts.get("images_with_fewer_than_10_captions"),
         "sources": {role: rec.get("location") for role, rec in manifest.get("sources", {}).items()},
+        "caption_set": manifest.get("captions") or caption_set(manifest.get("sources", {}).get("captions", {})),
+        "split_files": [f"{s}classes.txt" for s in manifest.get("split_files", SPLIT_FILES)],
     }
 
 
@@ -934,6 +942,8 @@ def _install(layout: DataLayout, records: dict[str, dict], request: dict, cfg: D
             "counts": counts,
             "files": {"imagelabels.mat": records["labels"]["sha256"], "setid.mat": records["setid"]["sha256"]},
             "classnames": (new.dataset / "classnames.txt").exists(),
+            "split_files": [s for s in SPLIT_FILES if new.split_file(s).is_file()],
+            "captions": caption_set(records["captions"]),
         }
         (new.manifest).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _swap_into_place(new.dataset, layout.dataset)
@@ -958,16 +968,16 @@ def _place_captions(archive: str, root: Path, files: list[str], new: DataLayout)
         found.sort(key=lambda f: (posixpath.dirname(f) != home, f.count("/"), f))
         return found[0] if found else None
 
-    missing = []
+    found = []
     for split in SPLIT_FILES:
         f = pick(f"{split}classes.txt")
-        if f is None:
-            missing.append(f"{split}classes.txt")
-        else:
+        if f is not None:
             os.replace(root.joinpath(*f.split("/")), new.split_file(split))
+            found.append(split)
+    missing = missing_split_files(found)
     if missing:
-        raise DataError(f"captions archive {archive} has no {', '.join(missing)}; pass a complete archive "
-                        f"(like {CAPTIONS_NAME}) with --captions")
+        raise DataError(f"captions archive {archive} has no {' or '.join(missing)}; pass an archive with the class "
+                        f"split (like {CAPTIONS_NAME}) with --captions")
     f = pick("classnames.txt")
     if f is not None:
         os.replace(root.joinpath(*f.split("/")), new.dataset / "classnames.txt")
@@ -1031,8 +1041,12 @@ def validate(layout: DataLayout, report: Reporter = Reporter()) -> dict:
     """Check a dataset folder against its own .mat files; return its counts or raise DataError."""
     import numpy as np
 
-    for path in (layout.jpg, layout.text_c10, layout.labels_mat, layout.setid_mat,
-                 *(layout.split_file(s) for s in SPLIT_FILES)):
+    found = [s for s in SPLIT_FILES if layout.split_file(s).is_file()]
+    missing = missing_split_files(found)
+    if missing:
+        raise DataError(f"{layout.dataset} has no {' or '.join(missing)}; run `flowercli download` "
+                        "(with --force to re-extract)")
+    for path in (layout.jpg, layout.text_c10, layout.labels_mat, layout.setid_mat):
         if not path.exists():
             raise DataError(f"{path} is missing; run `flowercli download` (with --force to re-extract)")
     labels = _load_mat(layout.labels_mat, ("labels",))["labels"]
@@ -1083,8 +1097,8 @@ def validate(layout: DataLayout, report: Reporter = Reporter()) -> dict:
     if fewer:
         report.info(f"{fewer:,} images have fewer than 10 captions")
 
-    class_splits = {}
-    for split in SPLIT_FILES:
+    class_splits, members = {}, {}
+    for split in found:
         path = layout.split_file(split)
         classes = []
         for k, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
@@ -1096,6 +1110,12 @@ def validate(layout: DataLayout, report: Reporter = Reporter()) -> dict:
                                 f"got {line.strip()[:60]!r}")
             classes.append(int(m.group(1)))
         class_splits[split] = len(set(classes))
+        members[split] = set(classes)
+    seen_classes = members.get("trainval", members.get("train", set()) | members.get("val", set()))
+    overlap = sorted(seen_classes & members["test"])
+    if overlap:
+        raise DataError(f"class {overlap[0]} is in testclasses.txt and in the training classes: the class split "
+                        "files contradict each other")
 
     if n != OFFICIAL_IMAGES or n_classes != OFFICIAL_CLASSES:
         report.warn(f"this dataset has {n:,} images in {n_classes} classes, not the official "
@@ -1187,7 +1207,7 @@ def _quick_check(layout: DataLayout, manifest: dict, report: Reporter) -> str | 
                        for f in os.scandir(d.path) if _CAPTION_RE.fullmatch(f.name))
         if captions < int(counts["caption_files"]):
             return "caption files are missing from text_c10/"
-        for split in SPLIT_FILES:
+        for split in manifest.get("split_files", SPLIT_FILES):
             if not layout.split_file(split).is_file():
                 return f"{layout.split_file(split).name} is missing"
         for name, sha in manifest["files"].items():

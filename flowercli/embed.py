@@ -389,7 +389,8 @@ def embed(cfg: EmbedConfig, report: Reporter = Reporter()) -> Path:
     attrs = {**encoder.describe(), "normalised": bool(cfg.normalise), "dtype": cfg.dtype,
              "flowercli_version": __version__, "n_images": len(labels), "n_captions_total": len(flat),
              "n_distinct_captions": len(uniq), "n_truncated": n_truncated, "device": str(encoder.device),
-             "embed_seconds": round(seconds, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+             "embed_seconds": round(seconds, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+             **data.read_caption_set(layout)}
     emb = data.Embeddings(path=None, captions=[list(c) for c in padded], vectors=vectors,
                           n_captions=np.array(n_real, dtype=np.int64), labels=labels, image_ids=image_ids,
                           split=split, class_split=class_split, attrs=attrs)

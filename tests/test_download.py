@@ -24,16 +24,18 @@ import urllib.parse
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 import flowercli.download as dl
 from flowercli.cli import app
 from flowercli.config import DataLayout, DownloadConfig
+from flowercli.data import class_split_of, read_class_splits
 from flowercli.errors import ChecksumError, DataError, DownloadError
 from flowercli.report import ListReporter
 
-from conftest import N_CLASSES, N_IMAGES
+from conftest import N_CLASSES, N_IMAGES, image_label, sha256
 
 runner = CliRunner()
 
@@ -476,10 +478,49 @@ def test_captions_archive_without_text_c10(sources_dir, tmp_path):
     assert not (tmp_path / "d" / "oxford102").exists()
 
 
-def test_captions_archive_missing_a_split_file(sources_dir, tmp_path):
-    members = [(n, d) for n, d in captions_members(sources_dir) if n != "valclasses.txt"]
+@pytest.mark.parametrize("drop, missing", [
+    ({"testclasses.txt"}, r"has no testclasses\.txt"),
+    ({"trainvalclasses.txt", "valclasses.txt"}, r"has no trainvalclasses\.txt \(or trainclasses\.txt \+ valclasses\.txt\)"),
+])
+def test_captions_archive_missing_a_split_file(sources_dir, tmp_path, drop, missing):
+    members = [(n, d) for n, d in captions_members(sources_dir) if n not in drop]
     caps = write_archive(tmp_path / "caps.zip", members)
-    with pytest.raises(DataError, match=r"has no valclasses\.txt"):
+    with pytest.raises(DataError, match=missing):
+        dl.download(cfg(tmp_path / "data", mirror=str(sources_dir), captions=str(caps)))
+
+
+def test_captions_archive_with_only_trainval_and_test(sources_dir, tmp_path):
+    """The shape of public copies of the Reed et al. archive: no train/val/all files. `all` is derived,
+    every training class counts as "train", and the summary says which files were found."""
+    keep = {"trainvalclasses.txt", "testclasses.txt"}
+    members = [(n, d) for n, d in captions_members(sources_dir) if not n.endswith("classes.txt") or n in keep]
+    caps = write_archive(tmp_path / "reed.tgz", members)
+    r = runner.invoke(app, ["download", "--mirror", str(sources_dir), "--captions", str(caps),
+                            "-d", str(tmp_path / "data"), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["split_files"] == ["trainvalclasses.txt", "testclasses.txt"]
+    assert info["caption_set"] == {"archive": "reed.tgz", "sha256": sha256(caps)}
+    layout = DataLayout(tmp_path / "data")
+    assert sorted(p.name for p in layout.dataset.glob("*classes.txt")) == ["testclasses.txt", "trainvalclasses.txt"]
+    splits = read_class_splits(layout)
+    assert "train" not in splits and "val" not in splits
+    assert splits["all"] == sorted(splits["trainval"] + splits["test"])
+    labels = np.array([image_label(i) for i in range(1, N_IMAGES + 1)])
+    cs = class_split_of(labels, splits)
+    assert set(cs) == {"train", "test"} and (cs == "test").sum() == np.isin(labels, splits["test"]).sum()
+    # A second run verifies without re-extracting, although three split files are absent.
+    r = runner.invoke(app, ["download", "--mirror", str(sources_dir), "--captions", str(caps),
+                            "-d", str(tmp_path / "data"), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["status"] == "verified"
+
+
+def test_split_files_that_contradict_each_other_are_refused(sources_dir, tmp_path):
+    members = [(n, d) for n, d in captions_members(sources_dir) if n != "testclasses.txt"]
+    trainval = dict(members)["trainvalclasses.txt"]
+    members.append(("testclasses.txt", trainval.splitlines(keepends=True)[0]))
+    caps = write_archive(tmp_path / "caps.tgz", members)
+    with pytest.raises(DataError, match=r"in testclasses\.txt and in the training classes"):
         dl.download(cfg(tmp_path / "data", mirror=str(sources_dir), captions=str(caps)))
 
 
