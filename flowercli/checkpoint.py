@@ -19,7 +19,7 @@ import torch
 
 from flowercli import __version__
 from flowercli.errors import CheckpointError
-from flowercli.fsutil import atomic_write, os_error_text, temp_name
+from flowercli.fsutil import atomic_write, temp_name, write_error_text
 
 SCHEMA_VERSION = 1
 _STEP_RE = re.compile(r"^step-(\d+)\.pt$")
@@ -33,7 +33,7 @@ def save_checkpoint(state: dict[str, Any], folder: Path, keep: int) -> Path:
         atomic_write(path, lambda f: torch.save(state, f))
         _link_latest(path)
     except OSError as e:
-        raise CheckpointError(f"could not write checkpoint {path}: {os_error_text(e)}; "
+        raise CheckpointError(f"could not write checkpoint {path}: {write_error_text(e)}; "
                               "the previous checkpoint is intact") from None
     for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
@@ -61,7 +61,7 @@ def export_generator(src: Path, dst: Path, meta: dict[str, Any] | None = None, h
     try:
         atomic_write(dst, lambda f: torch.save(out, f))
     except OSError as e:
-        raise CheckpointError(f"could not write {dst}: {os_error_text(e)}") from None
+        raise CheckpointError(f"could not write {dst}: {write_error_text(e)}; choose another file or folder") from None
     return dst
 
 
@@ -131,8 +131,16 @@ def _check_crc(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
-    except Exception:  # not a zip, or too damaged to list: torch.load says what is wrong
-        return
+    except Exception:
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"
+        if is_zip:
+            # It starts as a checkpoint does but its zip directory, written last, is missing or broken:
+            # torch.load would only say "failed finding central directory".
+            raise CheckpointError(f"checkpoint {path} is damaged or incomplete (truncated? a "
+                                  f"{path.stat().st_size:,}-byte zip without a readable directory); "
+                                  "use another checkpoint") from None
+        return  # not a zip at all: torch.load says what it is
     if bad is not None:
         raise CheckpointError(f"checkpoint {path} is corrupt: {bad} fails its CRC check (damaged on disk or "
                               "in a copy); use an earlier checkpoint")

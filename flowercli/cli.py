@@ -275,7 +275,8 @@ def train(
     runs_dir: Optional[Path] = RunsDirOpt,
     run: Optional[str] = typer.Option(None, "--run", "--name", help="Run name (a folder under the runs dir) [default: a timestamp]. "
                                       "Under torchrun write --name: torchrun takes --run for its own --run-path."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run from its newest readable checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run from its newest readable checkpoint; "
+                                "start it if it has none yet (one command line for start and restarts)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", "-e", min=1, help="Epochs in total (also when resuming) [default: 1]."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=0, help="Stop after this many steps in total."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=2, help="Images per step [default: 64]."),

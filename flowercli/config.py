@@ -105,6 +105,29 @@ def encoder_slug(encoder: str) -> str:
 
 
 @dataclass(frozen=True)
+class ArchiveLimits:
+    """What one archive may unpack to. Checked from its headers before anything is written (zip:
+    the central directory; tar: each header as it is read) and again on the bytes actually written."""
+
+    total_bytes: int  # all extracted files together
+    members: int  # entries of any kind, counted whether extracted or not
+    member_bytes: int  # one extracted file
+    ratio: float  # extracted bytes per byte of the archive file (a small file that unpacks huge is a bomb)
+
+
+# A caption file holds ten short sentences (< 2 KB); anything near this size is not one. Also the
+# cap `download` validation and `read_captions` read caption files with.
+CAPTION_FILE_MAX_BYTES = 2**20
+# Reed et al.'s captions archive: 1.2 MB packed, 8,189 files of < 2 KB, ~5 MB unpacked (ratio ~4).
+# Room for ten times the files and twelve times the size; text compresses well, but not 100:1.
+CAPTIONS_LIMITS = ArchiveLimits(total_bytes=64 * 2**20, members=100_000, member_bytes=CAPTION_FILE_MAX_BYTES,
+                                ratio=100.0)
+# 102flowers.tgz: ~330 MB of JPEGs, 8,190 members, the largest image < 1 MB; JPEGs do not compress
+# (ratio ~1). Room for higher-resolution copies of the 8,189 images, not for another data set.
+IMAGES_LIMITS = ArchiveLimits(total_bytes=4 * 2**30, members=20_000, member_bytes=50 * 2**20, ratio=20.0)
+
+
+@dataclass(frozen=True)
 class DownloadConfig:
     data_dir: Path
     # A folder or base URL holding the official file names; None = the official sources.
@@ -115,10 +138,9 @@ class DownloadConfig:
     retries: int = 5
     retry_wait: float = 1.0  # first back-off in seconds; doubles per failed attempt (capped at 60 s)
     force: bool = False  # re-extract even when the dataset is complete and verified
-    # Safety limits on what one archive may extract (issue 7): the real images archive unpacks to
-    # ~350 MB and 8,190 members; anything far beyond is a mistake or an archive bomb.
-    max_extract_bytes: int = 4 * 2**30
-    max_members: int = 200_000
+    # What each archive may extract (see the limits above): beyond them it is a mistake or an archive bomb.
+    captions_limits: ArchiveLimits = CAPTIONS_LIMITS
+    images_limits: ArchiveLimits = IMAGES_LIMITS
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from flowercli.config import DataLayout, missing_split_files
+from flowercli.config import CAPTION_FILE_MAX_BYTES, DataLayout, missing_split_files
 from flowercli.errors import DataError, InputError
 from flowercli.fsutil import fsync_dir
 
@@ -25,14 +25,28 @@ SPLIT_NAMES = ("train", "val", "test")
 _SETID_KEYS = {"train": "trnid", "val": "valid", "test": "tstid"}
 
 _RUN_DOWNLOAD = "run `flowercli download` first"
+# For a dataset that is there but damaged: extract it again from the kept archives.
+_REINSTALL = "reinstall the dataset with `flowercli download --force`"
 
 
 # ---------------------------------------------------------------------------------------------
 # The dataset folder.
 
 
+def check_data_dir(root: Path) -> None:
+    """Fail with one line when the data folder (or a folder above it) is a regular file."""
+    from flowercli.fsutil import nearest_existing
+
+    base = nearest_existing(Path(root))
+    if base.exists() and not base.is_dir():
+        where = f"data folder {root}" if base == Path(os.path.abspath(root)) else f"{base}, above data folder {root},"
+        raise DataError(f"{where} is a file, not a folder; pass --data-dir with the folder `flowercli download` "
+                        "fills")
+
+
 def require_dataset(layout: DataLayout) -> None:
     """Fail with one line when the dataset `download` writes is not there."""
+    check_data_dir(layout.root)
     for path in (layout.labels_mat, layout.setid_mat, layout.text_c10):
         if not path.exists():
             raise DataError(f"no dataset at {layout.dataset} ({path.name} is missing): "
@@ -47,9 +61,9 @@ def _loadmat(path: Path, key: str) -> np.ndarray:
     try:
         mat = scipy.io.loadmat(path)
     except Exception as e:  # scipy raises a zoo of types for corrupt files
-        raise DataError(f"{path} is not a readable .mat file ({type(e).__name__}): {_RUN_DOWNLOAD} again") from None
+        raise DataError(f"{path} is not a readable .mat file ({type(e).__name__}): {_REINSTALL}") from None
     if key not in mat:
-        raise DataError(f"{path} has no '{key}' variable: {_RUN_DOWNLOAD} again")
+        raise DataError(f"{path} has no '{key}' variable: {_REINSTALL}")
     return np.asarray(mat[key]).ravel().astype(np.int64)
 
 
@@ -57,7 +71,7 @@ def read_labels(layout: DataLayout) -> np.ndarray:
     """Class of every image, (N,) int64 in 1..102: `labels[i]` is the class of image id `i + 1`."""
     labels = _loadmat(layout.labels_mat, "labels")
     if labels.size == 0 or labels.min() < 1:
-        raise DataError(f"{layout.labels_mat} holds invalid labels (expected classes 1..102): {_RUN_DOWNLOAD} again")
+        raise DataError(f"{layout.labels_mat} holds invalid labels (expected classes 1..102): {_REINSTALL}")
     return labels
 
 
@@ -92,7 +106,7 @@ def read_class_splits(layout: DataLayout) -> dict[str, list[int]] | None:
     missing = missing_split_files(have)
     if missing:
         raise DataError(f"class split files incomplete in {layout.dataset} (missing {' and '.join(missing)}): "
-                        f"{_RUN_DOWNLOAD} again")
+                        f"{_REINSTALL}")
     splits = {name: _class_numbers(present[name]) for name in have}
     if not {"train", "val"} <= have:
         splits.pop("train", None)
@@ -144,14 +158,22 @@ def read_captions(layout: DataLayout, image_ids: Sequence[int], labels: Sequence
     for image_id, label in zip(image_ids, labels):
         path = caption_file(layout, image_id, label)
         try:
-            text = path.read_text(encoding="utf-8")
+            with open(path, "rb") as f:
+                raw = f.read(CAPTION_FILE_MAX_BYTES + 1)  # a caption file is < 2 KB: never read a huge one whole
         except FileNotFoundError:
-            raise DataError(f"caption file {path} is missing: {_RUN_DOWNLOAD} again") from None
+            raise DataError(f"caption file {path} is missing: {_REINSTALL}") from None
+        if len(raw) > CAPTION_FILE_MAX_BYTES:
+            raise DataError(f"caption file {path} is larger than {CAPTION_FILE_MAX_BYTES:,} bytes, which no caption "
+                            f"file is: {_REINSTALL}, or pass a captions archive in Reed et al.'s layout with --captions")
+        try:
+            text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise DataError(f"caption file {path} is not UTF-8 text: {_RUN_DOWNLOAD} again") from None
+            raise DataError(f"caption file {path} is not UTF-8 text: pass a UTF-8 captions archive to "
+                            "`flowercli download --captions`, or convert the file to UTF-8") from None
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         if not lines:
-            raise DataError(f"caption file {path} is empty: {_RUN_DOWNLOAD} again")
+            raise DataError(f"caption file {path} is empty: write its captions into it, or pass a complete "
+                            "captions archive to `flowercli download --captions`")
         out.append(lines)
     return out
 
@@ -173,11 +195,11 @@ def image_splits(layout: DataLayout, n_images: int) -> np.ndarray:
     split = np.full(n_images, "", dtype=object)
     for name, ids in read_setid(layout).items():
         if ids.size and (ids.min() < 1 or ids.max() > n_images):
-            raise DataError(f"{layout.setid_mat} lists image ids outside 1..{n_images}: {_RUN_DOWNLOAD} again")
+            raise DataError(f"{layout.setid_mat} lists image ids outside 1..{n_images}: {_REINSTALL}")
         split[ids - 1] = name
     if (split == "").any():
         missing = int((split == "").sum())
-        raise DataError(f"{layout.setid_mat} leaves {missing} images in no split: {_RUN_DOWNLOAD} again")
+        raise DataError(f"{layout.setid_mat} leaves {missing} images in no split: {_REINSTALL}")
     return split.astype(str)
 
 

@@ -43,7 +43,8 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 from flowercli import __version__
-from flowercli.config import SPLIT_FILES, DataLayout, DownloadConfig, missing_split_files
+from flowercli.config import (CAPTION_FILE_MAX_BYTES, IMAGES_LIMITS, SPLIT_FILES, ArchiveLimits, DataLayout,
+                              DownloadConfig, missing_split_files)
 from flowercli.errors import ChecksumError, DataError, DownloadError, FlowerError, InputError
 from flowercli.report import Reporter, Task
 
@@ -749,7 +750,7 @@ def _drain(fileobj: BinaryIO) -> None:
         raise _Corrupt(_one_line(e)) from None
 
 
-def _zip_members(path: Path) -> Iterator[_Member]:
+def _zip_members(path: Path, read_links: bool = True) -> Iterator[_Member]:
     try:
         zf = zipfile.ZipFile(path)
     except _READ_ERRORS as e:
@@ -765,7 +766,7 @@ def _zip_members(path: Path) -> Iterator[_Member]:
             elif stat.S_ISLNK(mode):
                 kind = "symlink"
                 try:
-                    link = zf.read(info)[:4096].decode("utf-8", "replace")
+                    link = zf.read(info)[:4096].decode("utf-8", "replace") if read_links else ""
                 except _READ_ERRORS as e:
                     raise _Corrupt(_one_line(e)) from None
             elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
@@ -793,35 +794,64 @@ def _safe_relpath(name: str) -> tuple[str | None, str | None]:
 
 
 def safe_extract(archive: Path, dest: Path, *, select: Callable[[str], bool] | None = None,
-                 max_bytes: int = 4 * 2**30, max_members: int = 200_000,
+                 limits: ArchiveLimits = IMAGES_LIMITS, what: str = "an archive",
                  report: Reporter = Reporter()) -> list[str]:
     """Extract a tar (any compression) or zip archive into `dest`; return the files written.
 
     Refuses the whole archive (DataError) when any member has an absolute path or a `..`
     component, is a link pointing outside `dest`, is a device, fifo or other special file, or when
-    the archive has more than `max_members` members or would write more than `max_bytes`. Links
-    inside the archive are not recreated (the dataset has none); hard links become copies. Files are
-    written 0644 regardless of the modes stored in the archive. `select(relpath)` limits what is
-    written; every member is still checked.
+    it passes one of `limits` (`what` names the kind of archive in the message). The limits are
+    checked from the headers before anything is written (a zip's central directory; a tar's headers,
+    spread through its stream, each before its member) and again on the bytes actually written,
+    which a lying header cannot dodge. A refused or failed extraction leaves nothing: what it wrote
+    is removed. Links inside the archive are not recreated (the dataset has none); hard links become
+    copies. Files are written 0644 regardless of the modes stored in the archive. `select(relpath)`
+    limits what is written; every member is still checked.
     """
-    members = _zip_members if _archive_kind(archive) == "zip" else _tar_members
+    is_zip = _archive_kind(archive) == "zip"
+    members = _zip_members if is_zip else _tar_members
+    packed = max(archive.stat().st_size, 1)
+    max_total = min(limits.total_bytes, int(limits.ratio * packed))
 
     def refuse(why: str, name: str) -> DataError:
         return DataError(f"refusing to extract {archive.name}: member {name[:200]!r} {why}; "
                          "the archive is unsafe or damaged")
 
-    dest.mkdir(parents=True, exist_ok=True)
+    def too_much(total: int, name: str) -> DataError:
+        if total > limits.total_bytes:
+            return refuse(f"takes the extracted size beyond the limit of {limits.total_bytes:,} bytes for {what}", name)
+        return refuse(f"takes the extracted size beyond {limits.ratio:g} times the archive's {packed:,} bytes, the "
+                      f"limit for {what} (a compression bomb?)", name)
+
+    def too_big(name: str) -> DataError:
+        return refuse(f"is larger than the limit of {limits.member_bytes:,} bytes for one file of {what}", name)
+
+    def check_header(count: int, kind: str, size: int, total: int, rel: str | None, name: str) -> int:
+        """The limits a header alone can break; returns the declared total so far."""
+        if count > limits.members:
+            raise refuse(f"is beyond the limit of {limits.members:,} members for {what}", name)
+        if kind != "file" or rel is None or (select is not None and not select(rel)):
+            return total
+        if size > limits.member_bytes:
+            raise too_big(name)
+        if total + size > max_total:
+            raise too_much(total + size, name)
+        return total + size
+
+    created = not dest.exists()
     written: list[str] = []
     done: set[str] = set()
     folders: set[Path] = set()  # already created: saves a mkdir call per file
-    total = count = 0
+    total = declared = count = 0
     try:
+        if is_zip:
+            _zip_precheck(archive, check_header)
+        dest.mkdir(parents=True, exist_ok=True)
         with report.task(f"Extracting {archive.name}") as task:
             for name, kind, size, link, open_member in members(archive):
                 count += 1
-                if count > max_members:
-                    raise refuse(f"is beyond the limit of {max_members:,} members", name)
                 rel, why = _safe_relpath(name)
+                declared = check_header(count, kind, size, declared, rel, name)
                 if why:
                     raise refuse(why, name)
                 if rel is None:
@@ -843,7 +873,7 @@ def safe_extract(archive: Path, dest: Path, *, select: Callable[[str], bool] | N
                     if (select is not None and not select(rel)) or target not in done:
                         continue
                     source = dest.joinpath(*target.split("/"))
-                    size = source.stat().st_size  # copies count too, or links would dodge the limit
+                    size = source.stat().st_size  # copies count too, or links would dodge the limits
                     kind = "copy"
                 elif select is not None and not select(rel):
                     continue
@@ -852,8 +882,8 @@ def safe_extract(archive: Path, dest: Path, *, select: Callable[[str], bool] | N
                     if kind == "dir":
                         path.mkdir(parents=True, exist_ok=True)
                         continue
-                    if size > max_bytes - total:
-                        raise refuse(f"would take the extracted size beyond the limit of {max_bytes:,} bytes", name)
+                    if kind == "copy" and total + size > max_total:
+                        raise too_much(total + size, name)
                     if path.parent not in folders:
                         path.parent.mkdir(parents=True, exist_ok=True)
                         folders.add(path.parent)
@@ -861,21 +891,38 @@ def safe_extract(archive: Path, dest: Path, *, select: Callable[[str], bool] | N
                         shutil.copyfile(source, path, follow_symlinks=False)
                         total += size
                     else:
-                        total += _write_member(open_member, path, max_bytes - total,
-                                               lambda: refuse(f"exceeds the limit of {max_bytes:,} extracted bytes",
-                                                              name))
+                        # The declared size can lie (zip bombs): count what actually comes out.
+                        limit = min(limits.member_bytes, max_total - total)
+                        total += _write_member(open_member, path, limit,
+                                               lambda n: too_big(name) if n > limits.member_bytes
+                                               else too_much(total + n, name))
                 except (FileExistsError, NotADirectoryError, IsADirectoryError):
                     raise refuse("clashes with another member (a file and a folder of the same name)", name) from None
                 written.append(rel)
                 done.add(rel)
                 task.advance()
-    except _Corrupt as e:
-        raise DataError(f"{archive.name} is corrupt or not a tar/zip archive ({e}); check where it came from") from None
+    except BaseException as e:
+        # Nothing half-extracted stays behind: the folder if this call made it, else the files it wrote.
+        if created:
+            shutil.rmtree(dest, ignore_errors=True)
+        else:
+            for rel in written:
+                dest.joinpath(*rel.split("/")).unlink(missing_ok=True)
+        if isinstance(e, _Corrupt):
+            raise DataError(f"{archive.name} is corrupt or not a tar/zip archive ({e}); check where it came from") from None
+        raise
     return written
 
 
+def _zip_precheck(archive: Path, check_header: Callable[..., int]) -> None:
+    """The limits checked on a zip's central directory, before a byte is extracted."""
+    declared = 0
+    for count, (name, kind, size, _link, _open) in enumerate(_zip_members(archive, read_links=False), 1):
+        declared = check_header(count, kind, size, declared, _safe_relpath(name)[0], name)
+
+
 def _write_member(open_member: Callable[[], BinaryIO], path: Path, limit: int,
-                  too_big: Callable[[], DataError]) -> int:
+                  too_big: Callable[[int], DataError]) -> int:
     try:
         src = open_member()
     except _READ_ERRORS as e:
@@ -883,18 +930,27 @@ def _write_member(open_member: Callable[[], BinaryIO], path: Path, limit: int,
     # O_NOFOLLOW: never write through a link, whatever is already in the folder.
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
     n = 0
-    with src, os.fdopen(os.open(path, flags, 0o644), "wb") as out:
-        while True:
-            try:
-                chunk = src.read(_CHUNK)
-            except _READ_ERRORS as e:
-                raise _Corrupt(_one_line(e)) from None
-            if not chunk:
-                return n
-            n += len(chunk)
-            if n > limit:  # the declared size can lie (zip bombs): count what actually comes out
-                raise too_big()
-            out.write(chunk)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except BaseException:
+        src.close()
+        raise
+    try:
+        with src, os.fdopen(fd, "wb") as out:
+            while True:
+                try:
+                    chunk = src.read(min(_CHUNK, limit - n + 1))
+                except _READ_ERRORS as e:
+                    raise _Corrupt(_one_line(e)) from None
+                if not chunk:
+                    return n
+                n += len(chunk)
+                if n > limit:  # refused as soon as it passes: never more than `limit` bytes on disk
+                    raise too_big(n)
+                out.write(chunk)
+    except BaseException:
+        path.unlink(missing_ok=True)  # a half-written member is no member
+        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -907,20 +963,19 @@ def _install(layout: DataLayout, records: dict[str, dict], request: dict, cfg: D
     try:
         new = DataLayout(tmp)
         new.dataset.mkdir()
-        limits = {"max_bytes": cfg.max_extract_bytes, "max_members": cfg.max_members, "report": report}
 
         captions = layout.root / records["captions"]["file"]
         report.info(f"Extracting {captions.name}")
         wanted = {f"{s}classes.txt" for s in SPLIT_FILES} | {"classnames.txt"}
         files = safe_extract(captions, tmp / "captions",
                              select=lambda r: "text_c10" in r.split("/") or posixpath.basename(r) in wanted,
-                             **limits)
+                             limits=cfg.captions_limits, what="a captions archive", report=report)
         _place_captions(captions.name, tmp / "captions", files, new)
 
         images = layout.root / records["images"]["file"]
         report.info(f"Extracting {images.name}")
         files = safe_extract(images, tmp / "images", select=lambda r: bool(_IMAGE_RE.fullmatch(posixpath.basename(r))),
-                             **limits)
+                             limits=cfg.images_limits, what="the images archive", report=report)
         folders = {posixpath.dirname(f) for f in files}
         if not files:
             raise DataError(f"{images.name} holds no image_NNNNN.jpg files; is it the Oxford 102 images archive?")
@@ -1084,10 +1139,16 @@ def validate(layout: DataLayout, report: Reporter = Reporter()) -> dict:
     for i, label in enumerate(labels.tolist(), 1):
         path = layout.text_c10 / f"class_{label:05d}" / f"image_{i:05d}.txt"
         try:
-            lines = _caption_lines(path.read_bytes())
+            with open(path, "rb") as f:
+                raw = f.read(CAPTION_FILE_MAX_BYTES + 1)
         except FileNotFoundError:
             without.append(path)
             continue
+        if len(raw) > CAPTION_FILE_MAX_BYTES:
+            raise DataError(f"caption file text_c10/{path.parent.name}/{path.name} is larger than "
+                            f"{CAPTION_FILE_MAX_BYTES:,} bytes: not a caption file; pass the Reed et al. captions "
+                            "archive (or one in its layout) with --captions")
+        lines = _caption_lines(raw)
         total_lines += lines
         fewer += lines < 10
     if without:
@@ -1237,4 +1298,8 @@ def _os_error_message(e: OSError, root: Path) -> str:
 
         blocker = nearest_existing(Path(where))
         return f"cannot write {where}: {blocker} is a file, not a folder; choose another --data-dir"
+    if e.errno == errno.ENOENT and e.filename and Path(os.path.abspath(e.filename)).is_relative_to(os.path.abspath(root)):
+        from flowercli.fsutil import write_error_text
+
+        return f"cannot create {where}: {write_error_text(e)}; choose another --data-dir"
     return f"{e.strerror or e} ({where}); check the --data-dir folder"

@@ -121,3 +121,21 @@ def os_error_text(e: OSError) -> str:
     if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
         return f"{text} (free some space and run it again)"
     return text
+
+
+def write_error_text(e: OSError) -> str:
+    """os_error_text for a failure to create or write `e.filename`.
+
+    Creating an entry in a folder that exists fails with "No such file or directory" where the file
+    system makes no new entries (/proc, /sys): that reads like a missing path, so say what it means.
+    """
+    import errno
+
+    if e.errno == errno.ENOENT and e.filename:
+        parent = Path(os.path.abspath(e.filename)).parent
+        if parent.is_dir():
+            return f"nothing can be created in {parent} (the file system there does not allow it)"
+    base = nearest_existing(Path(e.filename)) if e.filename else None
+    if e.errno in (errno.ENOTDIR, errno.EEXIST) and base is not None and not base.is_dir():
+        return f"{base} is a file, not a folder"
+    return os_error_text(e)

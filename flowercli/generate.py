@@ -18,7 +18,7 @@ import torch
 from flowercli.checkpoint import find_latest_checkpoint, find_newest_run, load_checkpoint
 from flowercli.config import GenerateConfig, ModelConfig
 from flowercli.errors import CheckpointError, EncoderError, FlowerError, InputError
-from flowercli.fsutil import check_writable_dir, os_error_text
+from flowercli.fsutil import check_writable_dir, write_error_text
 from flowercli.models import Generator
 from flowercli.report import Reporter
 
@@ -219,7 +219,7 @@ def generate(cfg: GenerateConfig, report: Reporter = Reporter()) -> list[dict[st
             except OSError:
                 break
         if isinstance(e, OSError):
-            raise FlowerError(f"cannot write images to {out}: {os_error_text(e)}; nothing was kept, "
+            raise FlowerError(f"cannot write images to {out}: {write_error_text(e)}; nothing was kept, "
                               "pick another --out") from None
         raise
     report.debug(f"grid {grid}")

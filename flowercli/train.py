@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from flowercli import __version__
-from flowercli.checkpoint import load_latest, save_checkpoint
+from flowercli.checkpoint import list_checkpoints, load_latest, save_checkpoint
 from flowercli.config import RECIPES, DataLayout, ModelConfig, TrainConfig
 from flowercli.errors import CheckpointError, DataError, FlowerError, InputError, Interrupted
 from flowercli.fsutil import atomic_write, nearest_existing
@@ -81,6 +81,48 @@ def config_differences(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
         elif str(a) != str(b):
             out.append(f"{name} differs: {a} vs {b}")
     return out
+
+
+# How the caption vectors were made, besides the caption set: another value gives other vectors for
+# the same captions. The file's path, dtype and creation time can change without that.
+ENCODER_IDENTITY = ("encoder", "model_type", "dim", "pooling", "max_length", "normalised")
+
+
+def data_differences(started: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """How the embeddings a run resumes on differ from those it started on (both: embeddings attrs).
+
+    Each entry names both sides, "what a vs b". A fact one side lacks (a file written before it was
+    recorded; HDF5 stores a missing value as "") is not compared.
+    """
+    def known(v: Any) -> bool:
+        return v is not None and v != ""
+
+    out = []
+    sha_a, sha_b = started.get("captions_sha256"), now.get("captions_sha256")
+    if known(sha_a) and known(sha_b) and sha_a != sha_b:
+        out.append(f"captions {started.get('captions_archive') or '?'} (sha256 {str(sha_a)[:12]}) vs "
+                   f"{now.get('captions_archive') or '?'} (sha256 {str(sha_b)[:12]})")
+    for key in ENCODER_IDENTITY:
+        a, b = started.get(key), now.get(key)
+        if known(a) and known(b) and str(a) != str(b):
+            out.append(f"{key} {a} vs {b}")
+    return out
+
+
+def _check_fresh_start(cfg: TrainConfig, run_dir: Path) -> None:
+    """--resume on a run with no checkpoint: the config.json of an earlier start must agree with `cfg`."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return
+    try:
+        saved = config_from_dict(json.loads(path.read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is corrupt ({type(e).__name__}); delete it to start the run afresh, "
+                              "or pick another --run") from None
+    diffs = config_differences(saved, cfg)
+    if diffs:
+        raise CheckpointError(f"--resume: {'; '.join(diffs)} (run's vs now); start the run with the settings in "
+                              f"{path} or pick another --run")
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -605,6 +647,9 @@ def train(cfg: TrainConfig, report: Reporter = Reporter()) -> TrainResult:
 
     # Where the run lives.
     layout = DataLayout(cfg.data_dir)
+    from flowercli.data import check_data_dir
+
+    check_data_dir(layout.root)
     run_name = cfg.run or time.strftime("run-%Y%m%d-%H%M%S")
     run_dir = Path(cfg.runs_dir) / run_name
     ckpt_dir = run_dir / "checkpoints"
@@ -613,8 +658,7 @@ def train(cfg: TrainConfig, report: Reporter = Reporter()) -> TrainResult:
         raise DataError(f"embeddings file {emb_path} does not exist; run `flowercli embed` first")
     cfg = replace(cfg, run=run_name, embeddings=emb_path)
     validate_config(cfg)
-    if cfg.resume and not ckpt_dir.is_dir():
-        raise CheckpointError(f"--resume: run {run_dir} has no checkpoints; start it without --resume")
+    # --resume on a run without a checkpoint starts it (see _train): no check here.
     # The topmost folder this call creates (the runs dir too, if new), so a failure can remove it all.
     absolute = Path(os.path.abspath(run_dir))
     existing = nearest_existing(absolute)
@@ -622,7 +666,9 @@ def train(cfg: TrainConfig, report: Reporter = Reporter()) -> TrainResult:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise FlowerError(f"cannot create run folder {run_dir}: {e.strerror}; choose another --runs-dir") from None
+        from flowercli.fsutil import write_error_text
+
+        raise FlowerError(f"cannot create run folder {run_dir}: {write_error_text(e)}; choose another --runs-dir") from None
     try:
         result = _train(cfg, report, world, rank, device, is_main, autocast_dtype, adam, threads, layout,
                         run_name, run_dir, ckpt_dir, emb_path)
@@ -684,6 +730,15 @@ def _train(cfg, report, world, rank, device, is_main, autocast_dtype, adam, thre
     with RunLock(run_dir) if is_main else contextlib.nullcontext(), StopFlag() as stop, torch_threads(threads):
         # Resume: the newest readable checkpoint, with a config that agrees on everything frozen.
         state = None
+        if cfg.resume and not list_checkpoints(ckpt_dir):
+            # Start-or-continue: a job script, a cluster requeue or torchrun's restarts run one command
+            # line for the first start and every restart, so --resume with nothing to resume starts the
+            # run. Checked under the lock; every rank sees the same folder (rank 0 writes no checkpoint
+            # before the first step, which needs all ranks).
+            _check_fresh_start(cfg, run_dir)
+            if is_main:
+                report.warn(f"run {run_dir} has no checkpoint yet: starting it from step 0")
+            cfg = replace(cfg, resume=False)
         if cfg.resume:
             state = load_latest(ckpt_dir, warn=report.warn)
             if state is None:
@@ -696,10 +751,11 @@ def _train(cfg, report, world, rank, device, is_main, autocast_dtype, adam, thre
             raise FlowerError(f"run {run_dir} already has checkpoints; add --resume to continue it or pick another --run")
 
         data = load_train_data(cfg, emb_path)
-        if state is not None and (state["encoder"].get("dim") != data.encoder.get("dim")
-                                  or state["encoder"].get("encoder") != data.encoder.get("encoder")):
-            raise CheckpointError(f"--resume: the run was trained on {state['encoder'].get('encoder')} vectors "
-                                  f"({state['encoder'].get('dim')}-d), not {data.encoder.get('encoder')} ({data.encoder.get('dim')}-d)")
+        if state is not None:
+            diffs = data_differences(state["encoder"], data.encoder)
+            if diffs:
+                raise CheckpointError(f"--resume: the run was trained on other data than {emb_path}: {'; '.join(diffs)} "
+                                      "(run's vs now); resume with the embeddings it started on or start a new --run")
         mcfg = replace(cfg.model, text_dim=data.vectors.shape[-1], n_classes=len(data.classes))
         cfg = replace(cfg, model=mcfg)
 

@@ -29,6 +29,7 @@ from flowercli.cli import app
 from flowercli.config import DATA_DIR_ENV, RUNS_DIR_ENV, DataLayout
 
 runner = CliRunner()
+ON_LINUX = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
 TINY = ["--image-size", "16", "--g-channels", "8", "--d-channels", "8", "--batch-size", "4", "--max-steps", "1"]
 # An error line must tell the user what to do: one of these verbs (or Typer's "Try ... --help").
 ADVICE = re.compile(r"\b(run|use|give|pick|choose|pass|add|train|delete|describe|wait|check|make|free|start|"
@@ -172,6 +173,12 @@ def _caption_not_utf8(ctx: Ctx) -> list[str]:
     return ["embed", "--encoder", str(ctx.fx("tiny_roberta")), "-d", str(data), "--device", "cpu"]
 
 
+def _caption_too_big(ctx: Ctx) -> list[str]:
+    data = ctx.dataset()
+    next((DataLayout(data).text_c10).rglob("image_00003.txt")).write_bytes(b"a red flower\n" * 90_000)  # 1.2 MB
+    return ["embed", "--encoder", str(ctx.fx("tiny_roberta")), "-d", str(data), "--device", "cpu"]
+
+
 def _labels_corrupt(ctx: Ctx) -> list[str]:
     data = ctx.dataset()
     DataLayout(data).labels_mat.write_bytes(b"MATLAB 5.0 MAT-file, truncated")
@@ -227,6 +234,23 @@ def _ckpt_edit(ctx: Ctx, how: str) -> list[str]:
     return gen_args(ctx, "a red flower", "-n", "1", ckpt=ctx.save_ckpt(f"{how}.pt", state))
 
 
+def _truncated_checkpoint(ctx: Ctx) -> list[str]:
+    raw = ctx.fx("checkpoint").read_bytes()
+    return gen_args(ctx, "a red flower", "-n", "1", ckpt=ctx.file("half.pt", raw[: len(raw) // 2]))
+
+
+def _resume_unstarted_run(ctx: Ctx, *extra: str) -> list[str]:
+    """A run folder a killed first start left: config.json (g_channels 8), no checkpoint."""
+    run = ctx.tmp / "runs" / "r"
+    run.mkdir(parents=True)
+    from flowercli.train import config_to_dict, make_config
+
+    cfg = make_config("modern", data_dir=ctx.fx("embedded_dir"), runs_dir=ctx.tmp / "runs", run="r",
+                      embeddings=ctx.h5(), image_size=16, g_channels=8, d_channels=8, batch_size=4, max_steps=1)
+    (run / "config.json").write_text(__import__("json").dumps({"config": config_to_dict(cfg)}))
+    return train_args(ctx, ctx.fx("embedded_dir"), "--resume", *extra)
+
+
 def _no_checkpoint_anywhere(ctx: Ctx) -> list[str]:
     import flowercli.generate as g
 
@@ -258,12 +282,19 @@ ROWS: dict[str, Row] = {
     "download: --data-dir under a file": Row(
         lambda c: ["download", "--mirror", str(c.fx("sources_dir")), "-d", str(c.file("afile", "x") / "sub")], 1,
         ("afile is a file, not a folder",)),
+    "download: --data-dir under /proc": Row(
+        lambda c: ["download", "--mirror", str(c.fx("sources_dir")), "-d", "/proc/flowercli-data"], 1,
+        ("cannot create /proc/flowercli-data", "nothing can be created in /proc", "--data-dir"), marks=(ON_LINUX,)),
     "download: odd relative paths work": Row(_odd_download, 0, check=_odd_download_check),
     # --- embed ------------------------------------------------------------------------------
     "embed: missing data dir": Row(lambda c: ["embed", "--encoder", "minilm", "-d", str(c.tmp / "nowhere")], 1,
                                    ("flowercli download",)),
     "embed: dataset without text_c10": Row(_no_text_c10, 1, ("text_c10 is missing",)),
-    "embed: caption file not UTF-8": Row(_caption_not_utf8, 1, ("image_00003.txt is not UTF-8",)),
+    "embed: caption file not UTF-8": Row(_caption_not_utf8, 1, ("image_00003.txt is not UTF-8", "UTF-8 captions archive",
+                                                                "--captions")),
+    "embed: caption file over the size cap": Row(_caption_too_big, 1, ("image_00003.txt is larger than 1,048,576 bytes",)),
+    "embed: --data-dir is a file": Row(lambda c: ["embed", "--encoder", "minilm", "-d", str(c.file("afile", "x"))], 1,
+                                       ("data folder", "afile is a file, not a folder", "--data-dir")),
     "embed: corrupt imagelabels.mat": Row(_labels_corrupt, 1, ("imagelabels.mat is not a readable .mat file",)),
     "embed: unknown encoder folder": Row(lambda c: ["embed", "--encoder", "./no/such/model", "-d", str(c.dataset())],
                                          1, ("does not exist", "--encoder minilm")),
@@ -304,8 +335,18 @@ ROWS: dict[str, Row] = {
                                               ("--batch-size 1000",)),
     "train: wrong --split": Row(lambda c: train_args(c, c.fx("embedded_dir"), "--split", "Classes"), 1,
                                 ("unknown split",)),
-    "train: --resume of a run that does not exist": Row(
-        lambda c: train_args(c, c.fx("embedded_dir"), "--resume", run="never-trained"), 1, ("never-trained",)),
+    "train: --resume of a run that does not exist starts it": Row(
+        lambda c: train_args(c, c.fx("embedded_dir"), "--resume", run="never-trained"), 0,
+        ("never-trained has no checkpoint yet: starting it from step 0",),
+        check=lambda c: (c.tmp / "runs" / "never-trained" / "checkpoints" / "step-0000001.pt").is_file()),
+    "train: --resume of an unstarted run with other settings": Row(
+        lambda c: _resume_unstarted_run(c, "--g-channels", "16"), 1, ("model.g_channels differs: 8 vs 16", "config.json"),
+        leaves=("runs/r/.lock",)),  # the lock file every run folder gets
+    "train: --data-dir is a file": Row(lambda c: train_args(c, c.file("afile", "x")), 1,
+                                       ("afile is a file, not a folder", "--data-dir")),
+    "train: --runs-dir under /proc": Row(
+        lambda c: ["train", "-d", str(c.fx("embedded_dir")), "--runs-dir", "/proc/flowercli-runs", *TINY], 1,
+        ("cannot create run folder /proc/flowercli-runs", "nothing can be created in /proc"), marks=(ON_LINUX,)),
     "train: --runs-dir is a file": Row(
         lambda c: ["train", "-d", str(c.fx("embedded_dir")), "--runs-dir", str(c.file("afile", "x")), *TINY], 1,
         ("afile",)),
@@ -331,6 +372,10 @@ ROWS: dict[str, Row] = {
     "generate: empty checkpoint file": Row(
         lambda c: gen_args(c, "a red flower", ckpt=c.file("empty.pt", b"")), 1, ("empty.pt is empty",)),
     "generate: checkpoint of another schema": Row(lambda c: _ckpt_edit(c, "schema"), 1, ("schema version 99",)),
+    "generate: truncated checkpoint": Row(_truncated_checkpoint, 1, ("half.pt is damaged or incomplete (truncated?",
+                                                                    "use another checkpoint")),
+    "generate: --out under /proc": Row(lambda c: gen_args(c, "a red flower", "-n", "1") + ["--out", "/proc/flowercli-out"],
+                                       1, ("/proc/flowercli-out", "nothing can be created in /proc"), marks=(ON_LINUX,)),
     "generate: checkpoint missing a weight": Row(lambda c: _ckpt_edit(c, "weights"), 1, ("does not match", "Missing key")),
     "generate: checkpoint that is no dict": Row(lambda c: _ckpt_edit(c, "list"), 1, ("not a flowercli checkpoint",)),
     "generate: no checkpoint anywhere": Row(_no_checkpoint_anywhere, 1, ("no checkpoint found", "--checkpoint")),
@@ -345,6 +390,9 @@ ROWS: dict[str, Row] = {
     # --- eval and the root command -----------------------------------------------------------
     "eval: wrong --split": Row(lambda c: ["eval", "--run", "x", "--split", "nope"], 2, ("--split",)),
     "eval: no model named": Row(lambda c: ["eval"], 1, ("--run NAME or --checkpoint PATH",)),
+    "eval: --data-dir is a file": Row(
+        lambda c: ["eval", "--checkpoint", str(c.fx("checkpoint")), "-d", str(c.file("afile", "x")), "--device", "cpu"],
+        1, ("afile is a file, not a folder", "--data-dir")),
     "eval: run does not exist": Row(lambda c: ["eval", "--run", "nope", "--runs-dir", str(c.tmp)], 1, ("no run named",)),
     "flowercli: unknown command": Row(lambda c: ["florp"], 2, ("florp",)),
 }
@@ -368,7 +416,12 @@ def _error_line(result, code: int) -> str:
     return lines[-1]
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, id=n, marks=KNOWN.get(n, ())) for n in ROWS])
+def _marks(name: str) -> list:
+    known = KNOWN.get(name, ())
+    return [*ROWS[name].marks, *(known if isinstance(known, (tuple, list)) else [known])]
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n, marks=_marks(n)) for n in ROWS])
 def test_bad_input(name, tmp_path, request, monkeypatch):
     row = ROWS[name]
     monkeypatch.chdir(tmp_path)  # relative paths and defaults (data/, runs/, out/) land in the checked folder
@@ -413,7 +466,8 @@ def test_failed_train_leaves_no_run_folder(tmp_path, embedded_dir):
     res = runner.invoke(app, ["train", "-d", str(embedded_dir), "--runs-dir", str(tmp_path / "runs"), "--run", "x",
                               *TINY, "--split", "nope"])
     assert res.exit_code == 1
+    # --resume on a run without checkpoints starts it; failing then (after the run folder was made) cleans up too
     res = runner.invoke(app, ["train", "-d", str(embedded_dir), "--runs-dir", str(tmp_path / "runs"), "--run", "y",
-                              *TINY, "--resume"])
-    assert res.exit_code == 1
+                              *TINY, "--resume", "--batch-size", "1000"])
+    assert res.exit_code == 1 and "no checkpoint yet" in res.stderr and "--batch-size 1000" in res.stderr
     assert not (tmp_path / "runs" / "x").exists() and not (tmp_path / "runs" / "y").exists()

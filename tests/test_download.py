@@ -22,6 +22,7 @@ import threading
 import time
 import urllib.parse
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from typer.testing import CliRunner
 
 import flowercli.download as dl
 from flowercli.cli import app
-from flowercli.config import DataLayout, DownloadConfig
+from flowercli.config import ArchiveLimits, DataLayout, DownloadConfig
 from flowercli.data import class_split_of, read_class_splits
 from flowercli.errors import ChecksumError, DataError, DownloadError
 from flowercli.report import ListReporter
@@ -75,7 +76,7 @@ def captions_members(sources_dir: Path) -> list[tuple[str, bytes | None]]:
 def write_archive(path: Path, members: list[tuple[str, bytes | None]]) -> Path:
     """A tgz or zip (by suffix) of plain files and folders."""
     if path.suffix == ".zip":
-        with zipfile.ZipFile(path, "w") as z:
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
             for name, data in members:
                 if data is None:
                     z.writestr(name.rstrip("/") + "/", b"")
@@ -711,16 +712,22 @@ def test_hostile_zip_is_refused(tmp_path, attack):
     assert not (tmp_path / "box" / "evil").exists() and not (tmp_path / "evil").exists()
 
 
+def limits(**kw) -> ArchiveLimits:
+    """Generous limits but for the ones a test sets."""
+    return replace(ArchiveLimits(total_bytes=2**30, members=1000, member_bytes=2**30, ratio=1e9), **kw)
+
+
 def test_extraction_limits_and_harmless_oddities(tmp_path):
     many = _tar(tmp_path / "many.tgz", *[_file(f"ok/f{i}") for i in range(5)])
     with pytest.raises(DataError, match="limit of 3 members"):
-        dl.safe_extract(many, tmp_path / "a", max_members=3)
+        dl.safe_extract(many, tmp_path / "a", limits=limits(members=3))
     big = _tar(tmp_path / "big.tgz", _file("ok/big", b"x" * 1000))
     with pytest.raises(DataError, match="limit of 500 bytes"):
-        dl.safe_extract(big, tmp_path / "b", max_bytes=500)
+        dl.safe_extract(big, tmp_path / "b", limits=limits(total_bytes=500))
     bigzip = _zip(tmp_path / "big.zip", "ok/big", b"x" * 1000)
     with pytest.raises(DataError, match="limit of 500 bytes"):
-        dl.safe_extract(bigzip, tmp_path / "c", max_bytes=500)
+        dl.safe_extract(bigzip, tmp_path / "c", limits=limits(total_bytes=500))
+    assert not any((tmp_path / d).exists() for d in "abc")  # refused before a byte was written
     # Inside links are skipped or copied, setuid bits dropped: nothing points anywhere.
     setuid = _file("ok/tool", b"#!/bin/sh\n")
     setuid.mode = 0o4755
@@ -747,10 +754,78 @@ def test_hard_links_count_towards_the_size_limit_and_clashes_are_refused(tmp_pat
     links = [_special(f"ok/copy{i}", tarfile.LNKTYPE, "ok/big") for i in range(5)]
     bomb = _tar(tmp_path / "links.tgz", _file("ok/big", b"x" * 200), *links)
     with pytest.raises(DataError, match="limit of 500 bytes"):
-        dl.safe_extract(bomb, tmp_path / "a", max_bytes=500)
+        dl.safe_extract(bomb, tmp_path / "a", limits=limits(total_bytes=500))
+    assert not (tmp_path / "a").exists()  # what was written before the refusal is gone
     clash = _tar(tmp_path / "clash.tgz", _file("ok/readme.txt/inner"))
     with pytest.raises(DataError, match="clashes with another member"):
         dl.safe_extract(clash, tmp_path / "b")
+
+
+# Each kind of archive has limits that fit what it can be (config.CAPTIONS_LIMITS, IMAGES_LIMITS).
+# Bombs are made of zeros or repeated text: kilobytes on disk, refused long before they unpack.
+CAPTION_BOMBS = {
+    # one "caption file" of 1.3 MB (the cap is 1 MB): refused from its header, before it is written
+    "member past the cap": ([("text_c10/class_00001/notes.txt", b"a red flower\n" * 100_000)],
+                            "larger than the limit of 1,048,576 bytes for one file of a captions archive"),
+    # 30 files of 400 KB zeros, each under the cap, 12 MB in all from ~15 KB: a ratio of ~800 (limit 100)
+    "ratio bomb": ([(f"text_c10/class_00001/pad_{i:02d}.txt", bytes(400_000)) for i in range(30)],
+                   "100 times the archive's"),
+}
+
+
+@pytest.mark.parametrize("suffix", [".tgz", ".zip"])
+@pytest.mark.parametrize("bomb", list(CAPTION_BOMBS))
+def test_captions_archive_past_its_limits_is_refused(sources_dir, tmp_path, bomb, suffix):
+    data = tmp_path / "data"
+    dl.download(cfg(data, mirror=str(sources_dir)))
+    before = dataset_files(data)
+    extra, says = CAPTION_BOMBS[bomb]
+    caps = write_archive(tmp_path / f"caps{suffix}", captions_members(sources_dir) + extra)
+    assert caps.stat().st_size < 100_000
+    r = runner.invoke(app, ["download", "--mirror", str(sources_dir), "--captions", str(caps), "-d", str(data)])
+    err = one_line_error(r)
+    assert f"refusing to extract caps{suffix}" in err and says in err
+    assert dataset_files(data) == before and leftovers(data) == []
+
+
+def test_member_that_unpacks_past_its_header_is_refused_while_writing(sources_dir, tmp_path, monkeypatch):
+    """A header that under-states a member's size: the bytes written are counted, the half file removed."""
+    big = tmp_path / "big.tgz"
+    write_archive(big, [("text_c10/a.txt", b"x" * 5000), ("text_c10/b.txt", b"y" * 10)])
+    real = dl._tar_members
+    monkeypatch.setattr(dl, "_tar_members", lambda p: ((n, k, 1, li, o) for n, k, _s, li, o in real(p)))
+    dest = tmp_path / "box"
+    dest.mkdir()
+    (dest / "kept.txt").write_text("not ours")
+    with pytest.raises(DataError, match="a.txt' is larger than the limit of 1,000 bytes for one file of a captions"):
+        dl.safe_extract(big, dest, limits=limits(member_bytes=1000), what="a captions archive")
+    assert sorted(p.name for p in dest.rglob("*")) == ["kept.txt", "text_c10"]  # no half a.txt
+
+
+@pytest.mark.parametrize("role", ["captions", "images"])
+def test_archive_with_more_members_than_its_kind_allows(sources_dir, tmp_path, role):
+    """The member cap of each kind (lowered here: the fixture's archives have ~30 members)."""
+    data = tmp_path / "data"
+    dl.download(cfg(data, mirror=str(sources_dir)))
+    before = dataset_files(data)
+    low = {f"{role}_limits": replace(getattr(DownloadConfig(data_dir=data), f"{role}_limits"), members=10)}
+    with pytest.raises(DataError) as info:
+        dl.download(cfg(data, mirror=str(sources_dir), force=True, **low))
+    what = "a captions archive" if role == "captions" else "the images archive"
+    assert f"limit of 10 members for {what}" in str(info.value) and "\n" not in str(info.value)
+    assert dataset_files(data) == before and leftovers(data) == []
+
+
+def test_oversized_caption_file_is_refused_by_validation(dataset_dir, tmp_path):
+    """Caption files are read with a cap: one placed by hand (or let through by raised limits) is named."""
+    from flowercli.config import CAPTION_FILE_MAX_BYTES
+
+    layout = DataLayout(Path(shutil.copytree(dataset_dir, tmp_path / "data")))
+    path = next(layout.text_c10.rglob("image_00002.txt"))
+    path.write_bytes(b"a red flower\n" * (CAPTION_FILE_MAX_BYTES // 13 + 1))
+    with pytest.raises(DataError, match=r"caption file text_c10/class_00002/image_00002\.txt is larger than "
+                                        r"1,048,576 bytes: not a caption file; pass"):
+        dl.validate(layout)
 
 
 def test_another_copy_of_the_same_mirror_is_not_extracted_again(sources_dir, tmp_path, monkeypatch):

@@ -135,6 +135,77 @@ def test_resume_refuses_other_encoder(tmp_path, embedded_dir):
     shutil.rmtree(tmp_path / "runs")
 
 
+def test_resume_refuses_other_captions_or_encoder_build(tmp_path, embedded_dir):
+    """The same embeddings file, re-embedded from another caption set or another encoder build."""
+    import shutil
+
+    from flowercli.data import open_embeddings, write_embeddings
+
+    data = Path(shutil.copytree(embedded_dir, tmp_path / "data"))
+    h5 = next((data / "embeddings").glob("*.h5"))
+    emb = open_embeddings(h5)
+    started = {**emb.attrs, "captions_archive": "cvpr2016_flowers.tar.gz", "captions_sha256": "a" * 64}
+    emb.attrs = started
+    write_embeddings(h5, emb)
+    cfg = make_config("modern", data_dir=data, runs_dir=tmp_path / "runs", run="r", max_steps=1, **TINY)
+    train(cfg)
+    for change, says in [({"captions_archive": "other.tgz", "captions_sha256": "b" * 64},
+                          "captions cvpr2016_flowers.tar.gz (sha256 aaaaaaaaaaaa) vs other.tgz (sha256 bbbbbbbbbbbb)"),
+                         ({"pooling": "cls"}, "pooling mean vs cls"),
+                         ({"max_length": 32}, f"max_length {started['max_length']} vs 32")]:
+        emb.attrs = {**started, **change}
+        write_embeddings(h5, emb)
+        with pytest.raises(CheckpointError) as info:
+            train(replace(cfg, resume=True, max_steps=2))
+        msg = str(info.value)
+        assert says in msg and f"other data than {h5}" in msg and "(run's vs now)" in msg and "\n" not in msg
+    emb.attrs = {**started, "created": "later", "embed_seconds": 9.9}  # same captions and encoder: resumes
+    write_embeddings(h5, emb)
+    assert train(replace(cfg, resume=True, max_steps=2)).step == 2
+
+
+def test_data_differences_compare_only_what_both_sides_recorded():
+    from flowercli.train import data_differences
+
+    old = {"encoder": "minilm", "dim": 384}  # a checkpoint from before the caption set was recorded
+    now = {"encoder": "minilm", "dim": 384, "pooling": "mean", "captions_archive": "c.tgz", "captions_sha256": "f" * 64}
+    assert data_differences(old, now) == []
+    assert data_differences({**now, "captions_sha256": ""}, now) == []  # HDF5 stores "unknown" as ""
+    assert data_differences({**now, "dim": 768, "encoder": "bert"}, now) == ["encoder bert vs minilm", "dim 768 vs 384"]
+
+
+def test_resume_starts_a_run_without_checkpoints_then_continues_it(tmp_path, embedded_dir):
+    """Start-or-continue: one command line for the first start and every restart (job scripts, requeues)."""
+    args = ["train", "-d", str(embedded_dir), "--runs-dir", str(tmp_path / "runs"), "--run", "job", "--image-size", "16",
+            "--g-channels", "8", "--d-channels", "8", "--batch-size", "4", "--checkpoint-every", "1", "--resume"]
+    first = runner.invoke(app, args + ["--max-steps", "1"])
+    assert first.exit_code == 0, first.output
+    assert f"Warning: run {tmp_path / 'runs' / 'job'} has no checkpoint yet: starting it from step 0" in first.stderr
+    second = runner.invoke(app, args + ["--max-steps", "2"])
+    assert second.exit_code == 0, second.output
+    assert "no checkpoint yet" not in second.stderr and "from step 1" in second.stderr
+    assert [load_checkpoint(p)["step"] for p in list_checkpoints(tmp_path / "runs" / "job" / "checkpoints")] == [1, 2]
+
+
+def test_resume_starts_a_run_left_with_only_its_config(tmp_path, embedded_dir):
+    """A first start killed before its first checkpoint leaves config.json: --resume starts it, same settings only."""
+    import shutil
+
+    from flowercli.report import ListReporter
+
+    cfg = tiny_config(tmp_path, embedded_dir, max_steps=1)
+    run_dir = train(cfg).run_dir
+    shutil.rmtree(run_dir / "checkpoints")
+    with pytest.raises(CheckpointError, match=r"--resume: seed differs: 0 vs 1 \(run's vs now\); start the run with the "
+                                              r"settings in .*config\.json or pick another --run"):
+        train(replace(cfg, resume=True, seed=1))
+    assert (run_dir / "config.json").is_file()  # a refused start removes nothing of the run
+    rep = ListReporter()
+    assert train(replace(cfg, resume=True), rep).step == 1
+    assert ("warn", f"run {run_dir} has no checkpoint yet: starting it from step 0") in rep.messages
+    assert (run_dir / "checkpoints" / "step-0000001.pt").is_file()
+
+
 def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path, embedded_dir):
     cfg = tiny_config(tmp_path, embedded_dir, epochs=3, max_steps=4, checkpoint_every=2)
     result = train(cfg)
@@ -145,7 +216,7 @@ def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path, embedded_dir):
     rep = ListReporter()
     resumed = train(replace(cfg, resume=True, max_steps=6), rep)
     assert resumed.step == 6
-    assert any("corrupt" in m for kind, m in rep.messages if kind == "warn")
+    assert any("damaged or incomplete" in m for kind, m in rep.messages if kind == "warn")
 
 
 def test_second_process_is_locked_out(tmp_path, embedded_dir):
@@ -214,6 +285,42 @@ def test_ddp_two_cpu_processes(tmp_path, embedded_dir):
     state = load_checkpoint(runs / "ddp" / "checkpoints" / "latest.pt")
     assert state["step"] == 2
     assert res.stdout.strip() == str(runs / "ddp" / "checkpoints" / "step-0000002.pt")  # rank 0 alone prints
+
+
+# Rank 0 of the first attempt dies right after writing its first checkpoint, as a node would.
+_FAIL_AFTER_FIRST_CHECKPOINT = """
+import os
+import flowercli.train as train_mod
+from flowercli.cli import app
+
+if os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0" and os.environ.get("RANK") == "0":
+    save = train_mod.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        save(*args, **kwargs)
+        os._exit(17)
+
+    train_mod.save_checkpoint = save_then_die
+app(prog_name="flowercli")
+"""
+
+
+def test_torchrun_restart_continues_with_the_same_command_line(tmp_path, embedded_dir):
+    """`torchrun --max-restarts` reruns one command line: --resume starts the run, then continues it."""
+    runs = tmp_path / "runs"
+    script = tmp_path / "flaky_flowercli.py"
+    script.write_text(_FAIL_AFTER_FIRST_CHECKPOINT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts", "1",
+           "--monitor-interval", "0.2", str(script), "train", "--resume", "--data-dir", str(embedded_dir),
+           "--runs-dir", str(runs), "--name", "tr", "--image-size", "16", "--g-channels", "8", "--d-channels", "8",
+           "--batch-size", "2", "--max-steps", "2", "--checkpoint-every", "1", "--device", "cpu"]
+    res = run_in_own_group(cmd, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr.count("has no checkpoint yet: starting it from step 0") == 1, res.stderr[-3000:]  # rank 0, 1st try
+    assert f"Resuming {runs / 'tr'} from step 1" in res.stderr, res.stderr[-3000:]
+    assert [load_checkpoint(p)["step"] for p in list_checkpoints(runs / "tr" / "checkpoints")] == [1, 2]
+    assert json.loads((runs / "tr" / "config.json").read_text())["world_size"] == 2
 
 
 def test_train_cli_json_and_errors(tmp_path, embedded_dir):

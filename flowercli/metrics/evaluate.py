@@ -340,6 +340,9 @@ def evaluate(cfg: EvalConfig, generator, reporter: Reporter = Reporter(), extrac
     t_start = time.perf_counter()
     meta = dict(getattr(generator, "meta", {}) or {})
     layout = DataLayout(resolve_data_dir(cfg, meta))
+    from flowercli.data import check_data_dir
+
+    check_data_dir(layout.root)
     emb_path = None
     if embeddings is None:
         emb_path = resolve_embeddings(meta, layout)
