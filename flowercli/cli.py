@@ -445,6 +445,9 @@ def _eval_table(report: dict):
     unseen = " unseen" if acc.get(split, {}).get("unseen_classes") else ""
     table.add_row(f"FID ({split}{unseen})", num(fid["value"]), num(fid["ceiling"]["value"]),
                   str(fid["n_generated"]), f"{fid['n_real']}; {fid['ceiling']['n_a']}+{fid['ceiling']['n_b']}")
+    diversity_rows, diversity_caption = _diversity_rows(report.get("diversity"), num)
+    for row in diversity_rows:
+        table.add_row(*row)
     for name in ("test", "train"):
         if name not in acc:
             continue
@@ -460,8 +463,28 @@ def _eval_table(report: dict):
                      f"classifier on held-out real images of the same classes ({clf['classes']} classes, overall "
                      f"top-1 {pct(clf['top1'])}); the colour rule on real images vs their own captions. "
                      f"Inception: {inc['origin']}, sha256 {inc['sha256'][:12]}, {inc['precision']}.")
+    table.caption += diversity_caption
     table.caption_justify = "left"
     return table
+
+
+def _diversity_rows(div: dict | None, num: Callable) -> tuple[list[tuple[str, ...]], str]:
+    """Table rows and a caption sentence for report["diversity"] (none for reports without it)."""
+    if not div:
+        return [], ""
+    c = div["ceiling"]
+    rows = [(f"{name} (k={div['k']})", num(div[name]), num(c[name]), str(div["n_generated"]),
+             f"{div['n_real']}; {c['n_a']}+{c['n_b']}") for name in ("precision", "recall", "density", "coverage")]
+    wp = div["within_prompt"]
+    for space in ("features", "pixels") if wp["prompts"] else ():
+        s = wp[space]
+        # The spread over captions on a row of its own: a wide value column would squeeze the labels.
+        rows += [(f"within-prompt ({space})", num(s["mean"]), num(wp["ceiling"]), f"{wp['prompts']}x{wp['seeds']}",
+                  f"{wp['real_per_class']['max']}/class"),
+                 ("  10th / 90th pct.", f"{num(s['p10'])}/{num(s['p90'])}", "", "", "")]
+    return rows, (" Diversity ceilings: precision/recall/density/coverage of one real half against the other; "
+                  "within-prompt (mean over captions): the spread among one caption's images over that among "
+                  "real images of its class, 1 for real images.")
 
 
 def _run_and_checkpoint(run: Optional[str], checkpoint: Optional[Path], runs: Path, ask: str) -> tuple[Path, Path]:
@@ -508,7 +531,7 @@ def eval_(
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
-    """Evaluate a trained generator: FID, class accuracy, colour agreement, with real-data ceilings.
+    """Evaluate a trained generator: FID, class accuracy, colour agreement, diversity, with real-data ceilings.
 
     Follows the protocol in docs/EVALUATION.md: --n images from the captions of the run's held-out
     split (fixed order and seeds), against the real images of that split; the same command gives

@@ -267,6 +267,12 @@ class EvalConfig:
     precision: str = "fp32"  # fp32 | bf16 | auto (bf16 where native) for the Inception pass; fp32 = comparable FID
     allow_download: bool = True
     colour_seeds: int = 8  # images per (colour, phrasing) prompt
+    # Diversity: k of the k-NN balls of precision/recall/density/coverage (Kynkäänniemi et al. use 3),
+    # and within-prompt diversity from `diversity_seeds` images of each of `diversity_prompts` captions:
+    # 64 x 8 = 512 more generated images and Inception passes; 0 prompts skips that part.
+    prdc_k: int = 3
+    diversity_prompts: int = 64
+    diversity_seeds: int = 8
     classifier_holdout: float = 0.2  # fraction of each class's real images held out from the probe
     classifier_seed: int = 0
     sheet: int = 32  # generated images on samples.png

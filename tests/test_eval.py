@@ -98,6 +98,7 @@ class FakeGenerator:
 def _cfg(data: Path, tiny_net: Path, **kw) -> EvalConfig:
     base = dict(data_dir=data, n=24, n_other=12, batch_size=8, inception=tiny_net, colour_seeds=2, sheet=6,
                 allow_download=False, precision="fp32")
+    base.update(diversity_prompts=4, diversity_seeds=3)  # a few extra images: test_diversity.py covers them
     base.update(kw)
     return EvalConfig(**base)
 

@@ -7,7 +7,8 @@ evaluate(cfg, generator) does, in order:
    statistics with the real-vs-real ceiling (cached) and the real-image classifier (cached);
 3. generate `n` images cycling the split's captions in a fixed shuffled order, seeds seed + i;
    `n_other` more from the other side's captions (class accuracy only);
-4. FID, class accuracy, colour agreement, each with its real-data ceiling;
+4. FID, class accuracy, colour agreement, each with its real-data ceiling; diversity
+   (diversity_eval.py: k-NN precision/recall/density/coverage, within-prompt spread);
 5. report.json and samples.png under cfg.out_dir, atomically.
 The generator is passed in (anything with `images_from_vectors`, `images_from_prompts`,
 `image_size` and `meta`), so Python callers and tests can evaluate any model.
@@ -28,13 +29,14 @@ from flowercli.errors import DataError, FlowerError, InputError
 from flowercli.metrics import cache, colour
 from flowercli.metrics.accuracy import (LinearClassifier, accuracy_report, stratified_holdout,
                                         train_classifier)
+from flowercli.metrics.diversity_eval import check as check_diversity, diversity_report
 from flowercli.metrics.fid import disjoint_halves, feature_stats, frechet_distance_fast, sqrt_psd
 from flowercli.report import Reporter
 
 REPORT_SCHEMA = 1
 MAX_N = 50_000
 # Noise seeds of each group start here (+ seed + i), so groups never share a noise vector.
-SEED_OFFSETS = {"main": 0, "other": 1_000_000, "colour": 2_000_000}
+SEED_OFFSETS = {"main": 0, "other": 1_000_000, "colour": 2_000_000, "diversity": 3_000_000}
 CLASSIFIER_WEIGHT_DECAY = 1e-3
 
 
@@ -304,6 +306,7 @@ def check_config(cfg: EvalConfig) -> None:
         raise InputError(f"classifier_holdout must be in (0, 1), got {cfg.classifier_holdout}")
     if cfg.colour_seeds < 0 or cfg.sheet < 0:
         raise InputError("colour_seeds and sheet must not be negative")
+    check_diversity(cfg, MAX_N)
 
 
 def resolve_embeddings(meta: dict[str, Any], layout: DataLayout) -> Path:
@@ -389,6 +392,11 @@ def evaluate(cfg: EvalConfig, generator, reporter: Reporter = Reporter(), extrac
     fid = frechet_distance_fast(stats["mu"], stats["sigma"], mu_g, sigma_g, sqrt_sigma1=stats["sqrt_sigma"])
     timings["fid_s"] = time.perf_counter() - t
 
+    # Diversity: k-NN precision/recall/density/coverage on the same features, and within-prompt spread.
+    diversity = diversity_report(cfg, generator, extractor, emb, main_rows, real, labels, gen_feats,
+                                 cfg.seed + SEED_OFFSETS["diversity"], lambda ids: _load_real_images(layout, ids, size),
+                                 reporter, timings)
+
     # Class accuracy for captions of both sides, each next to the probe's accuracy on held-out
     # real images of the same classes.
     held_mask = np.zeros(len(labels), dtype=bool)
@@ -431,6 +439,7 @@ def evaluate(cfg: EvalConfig, generator, reporter: Reporter = Reporter(), extrac
         "fid": {"value": fid, "n_generated": cfg.n, "n_real": stats["n"],
                 "ceiling": {"value": stats["ceiling"], "n_a": stats["n_half"], "n_b": stats["n_half"],
                             "what": "FID between two disjoint random halves of the real images of the split"}},
+        "diversity": diversity,
         "class_accuracy": {**accuracy, "classifier": probe},
         "colour": colour_report,
     }
