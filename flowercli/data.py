@@ -143,6 +143,34 @@ def read_class_names(layout: DataLayout) -> list[str] | None:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+# Training captions that name the species (TrainConfig.name_mix): the human captions rarely do, yet
+# people type "a sunflower". `{a}` is "a" or "an" for the name that follows. None of these is a
+# template `flowercli eval` scores name prompts with, so that score measures generalisation to
+# unseen phrasings rather than recall of the training strings.
+NAME_TEMPLATES = (
+    "{name}",
+    "{a} {name}",
+    "the {name}",
+    "{a} {name} flower",
+    "this is {a} {name}",
+    "a picture of {a} {name}",
+    "a close-up of {a} {name}",
+    "a flower called {name}",
+)
+
+
+def name_caption(template: str, name: str) -> str:
+    """`template` filled with `name`, with "an" before a vowel: "an orange dahlia"."""
+    name = " ".join(name.split())
+    article = "an" if name[:1].lower() in ("a", "e", "i", "o", "u") else "a"
+    return template.format(a=article, name=name)
+
+
+def name_captions(names: Sequence[str], templates: Sequence[str] = NAME_TEMPLATES) -> list[list[str]]:
+    """classes x templates name captions, class by class in label order (row 0 = class 1)."""
+    return [[name_caption(t, n) for t in templates] for n in names]
+
+
 def caption_file(layout: DataLayout, image_id: int, label: int) -> Path:
     return layout.text_c10 / f"class_{int(label):05d}" / f"image_{int(image_id):05d}.txt"
 
@@ -237,6 +265,10 @@ class Embeddings:
     split: np.ndarray  # (N,) str: image split from setid.mat
     class_split: np.ndarray  # (N,) str: class split from the *classes.txt files, "" when absent
     attrs: dict[str, Any] = field(default_factory=dict)
+    # Species-name captions (NAME_TEMPLATES x classnames.txt) and their vectors, embedded like the
+    # captions; None in files written without classnames.txt or before they existed.
+    name_captions: list[list[str]] | None = None  # C x T, row c = class c + 1
+    name_vectors: np.ndarray | None = None  # (C, T, D), the dtype of `vectors`
 
     @property
     def dim(self) -> int:
@@ -262,6 +294,15 @@ def _check_shapes(emb: Embeddings) -> None:
             raise ValueError(f"{name} has {len(getattr(emb, name))} entries, expected {n}")
     if len(emb.captions) != n or any(len(c) != CAPTIONS_PER_IMAGE for c in emb.captions):
         raise ValueError(f"captions must be N x {CAPTIONS_PER_IMAGE}")
+    if (emb.name_vectors is None) != (emb.name_captions is None):
+        raise ValueError("name_captions and name_vectors come together")
+    if emb.name_vectors is not None:
+        shape = emb.name_vectors.shape
+        if len(shape) != 3 or shape[2] != emb.dim or emb.name_vectors.dtype != emb.vectors.dtype:
+            raise ValueError(f"name_vectors must be (C, T, {emb.dim}) {emb.vectors.dtype}, got {shape} "
+                             f"{emb.name_vectors.dtype}")
+        if len(emb.name_captions) != shape[0] or any(len(c) != shape[1] for c in emb.name_captions):
+            raise ValueError(f"name_captions must be {shape[0]} x {shape[1]} like name_vectors")
 
 
 def write_embeddings(path: Path, emb: Embeddings) -> Path:
@@ -288,6 +329,9 @@ def write_embeddings(path: Path, emb: Embeddings) -> Path:
             f.create_dataset("split", data=np.asarray(emb.split, dtype=object), dtype=text)
             f.create_dataset("class_split", data=np.asarray(emb.class_split, dtype=object), dtype=text)
             f.create_dataset("n_captions", data=np.asarray(emb.n_captions, dtype=np.int64))
+            if emb.name_vectors is not None:
+                f.create_dataset("name_captions", data=np.array(emb.name_captions, dtype=object), dtype=text)
+                f.create_dataset("name_vectors", data=emb.name_vectors)
             # dim and schema_version describe this file, whatever the attrs carried over say.
             attrs = {**emb.attrs, "dim": emb.dim, "schema_version": SCHEMA_VERSION}
             for key, value in attrs.items():
@@ -379,6 +423,9 @@ def open_embeddings(path: Path) -> Embeddings:
                 class_split=np.asarray(f["class_split"].asstr()[()], dtype=str),
                 attrs=attrs,
             )
+            if "name_vectors" in f and "name_captions" in f:  # optional: see Embeddings
+                emb.name_captions = [list(row) for row in f["name_captions"].asstr()[()]]
+                emb.name_vectors = f["name_vectors"][()]
     except (OSError, RuntimeError, KeyError):
         # h5py reports data cut off after the header only when the data is read.
         raise DataError(f"embeddings file {path} is corrupt or truncated (reading its data failed): "

@@ -22,7 +22,7 @@ import numpy as np
 
 from flowercli import __version__
 from flowercli.config import ENCODER_ALIASES, DataLayout, EmbedConfig
-from flowercli.errors import EncoderError, InputError
+from flowercli.errors import DataError, EncoderError, InputError
 from flowercli.fsutil import check_writable_dir
 from flowercli.report import Reporter
 
@@ -341,6 +341,51 @@ def _validate(cfg: EmbedConfig) -> None:
     resolve_device(cfg.device)
 
 
+def _stored(vectors: np.ndarray, normalise: bool, dtype: str, encoder: str) -> np.ndarray:
+    """Encoder output (n, D) float32 as the file stores it: L2-normalised if asked (in place: the
+    caption vectors of a large encoder are hundreds of MB), in `dtype`."""
+    if normalise:
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
+    if dtype == "float16" and np.abs(vectors).max(initial=0.0) > _FLOAT16_MAX:
+        raise EncoderError(f"encoder '{encoder}' gives values beyond the float16 range: use --dtype float32")
+    return vectors.astype(dtype)
+
+
+def embed_names(encoder: TextEncoder, names: Sequence[str], batch_size: int, normalise: bool,
+                dtype: str) -> tuple[list[list[str]], np.ndarray]:
+    """The species-name captions (classes x NAME_TEMPLATES) and their (C, T, D) vectors, made
+    exactly as the caption vectors are (same encoder, pooling, normalisation and dtype)."""
+    from flowercli.data import name_captions
+
+    captions = name_captions(names)
+    flat = [c for row in captions for c in row]
+    vectors = _stored(encoder.encode(flat, batch_size), normalise, dtype, encoder.name)
+    return captions, vectors.reshape(len(captions), len(captions[0]), encoder.dim)
+
+
+def _names_cover(names: list[str] | None, labels: np.ndarray) -> bool:
+    return names is not None and len(names) >= int(np.max(labels))
+
+
+def _class_name_vectors(layout: DataLayout, labels: np.ndarray, encoder: TextEncoder, batch_size: int,
+                        normalise: bool, dtype: str, report: Reporter):
+    """(name captions, name vectors) when classnames.txt names every class, else (None, None)."""
+    from flowercli import data
+
+    names = data.read_class_names(layout)
+    if names is None:
+        return None, None
+    if not _names_cover(names, labels):
+        # Optional extras: the captions are still worth writing; training with name_mix says what is wrong.
+        report.warn(f"{layout.dataset / 'classnames.txt'} names {len(names)} classes, the labels go up to "
+                    f"{int(np.max(labels))}: no species-name vectors written")
+        return None, None
+    captions, vectors = embed_names(encoder, names, batch_size, normalise, dtype)
+    report.info(f"Embedded {vectors.shape[0] * vectors.shape[1]} species-name captions "
+                f"({vectors.shape[0]} classes x {vectors.shape[1]} templates)")
+    return captions, vectors
+
+
 def embed(cfg: EmbedConfig, report: Reporter = Reporter()) -> Path:
     """Embed every caption of the dataset under `cfg.data_dir`; return the HDF5 file written."""
     from flowercli import data
@@ -380,11 +425,9 @@ def embed(cfg: EmbedConfig, report: Reporter = Reporter()) -> Path:
     with report.task(f"Embedding {len(uniq)} distinct captions", total=len(uniq)) as task:
         vectors = encoder.encode_tokens(tokens, cfg.batch_size, progress=task.advance)
     seconds = time.perf_counter() - t1
-    if cfg.normalise:
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
-    if cfg.dtype == "float16" and np.abs(vectors).max() > _FLOAT16_MAX:
-        raise EncoderError(f"encoder '{cfg.encoder}' gives values beyond the float16 range: use --dtype float32")
-    vectors = vectors[inverse].reshape(len(labels), data.CAPTIONS_PER_IMAGE, encoder.dim).astype(cfg.dtype)
+    vectors = _stored(vectors, cfg.normalise, cfg.dtype, cfg.encoder)
+    vectors = vectors[inverse].reshape(len(labels), data.CAPTIONS_PER_IMAGE, encoder.dim)
+    name_caps, name_vecs = _class_name_vectors(layout, labels, encoder, cfg.batch_size, cfg.normalise, cfg.dtype, report)
 
     attrs = {**encoder.describe(), "normalised": bool(cfg.normalise), "dtype": cfg.dtype,
              "flowercli_version": __version__, "n_images": len(labels), "n_captions_total": len(flat),
@@ -393,8 +436,51 @@ def embed(cfg: EmbedConfig, report: Reporter = Reporter()) -> Path:
              **data.read_caption_set(layout)}
     emb = data.Embeddings(path=None, captions=[list(c) for c in padded], vectors=vectors,
                           n_captions=np.array(n_real, dtype=np.int64), labels=labels, image_ids=image_ids,
-                          split=split, class_split=class_split, attrs=attrs)
+                          split=split, class_split=class_split, attrs=attrs, name_captions=name_caps,
+                          name_vectors=name_vecs)
     out = data.write_embeddings(out_path, emb)
     report.info(f"Wrote {out}: vectors {vectors.shape} {cfg.dtype}, {len(flat) / max(seconds, 1e-9):.0f} captions/s "
                 f"({len(uniq)} distinct embedded in {seconds:.1f} s; total {time.perf_counter() - t0:.1f} s)")
     return out
+
+
+def add_name_vectors(path: Path, names: Sequence[str], device: str = "auto", batch_size: int = 256,
+                     report: Reporter = Reporter()) -> bool:
+    """Give an existing embeddings file the species-name vectors `embed` now writes, without
+    embedding its captions again; True when the file was rewritten, False when it already had them.
+
+    The encoder, pooling, max_length, normalisation and dtype are those the file records, so the
+    name vectors are what `embed` would have made. The rewrite is atomic (temp file, rename).
+    """
+    from flowercli import data
+
+    path = Path(path)
+    emb = data.open_embeddings(path)
+    names = list(names)
+    if not _names_cover(names, emb.labels):
+        raise DataError(f"the class names name {len(names)} classes but {path} has labels up to "
+                        f"{int(np.max(emb.labels))}: check classnames.txt (one name per class, in label order)")
+    if emb.name_captions == data.name_captions(names):
+        return False
+    attrs = emb.attrs
+    if not attrs.get("encoder"):
+        raise DataError(f"embeddings file {path} does not record its encoder: run `flowercli embed` again")
+    report.info(f"Adding species-name vectors ({len(names)} classes x {len(data.NAME_TEMPLATES)} templates) to "
+                f"{path}, with its encoder {attrs['encoder']}")
+    try:
+        encoder = TextEncoder.load(str(attrs["encoder"]), pooling=str(attrs.get("pooling", "mean")),
+                                   max_length=int(attrs.get("max_length", 128)), device=device)
+    except EncoderError as e:
+        why = str(e).split(";")[0]  # the loader's advice (--encoder ...) does not apply: the file fixes it
+        raise EncoderError(f"cannot embed the class names for {path} with the encoder it was made with ({why}); "
+                           f"make {attrs['encoder']} available again, or run `flowercli embed` again") from None
+    if encoder.dim != emb.dim:
+        raise EncoderError(f"encoder {attrs['encoder']} now gives {encoder.dim}-d vectors but {path} holds "
+                           f"{emb.dim}-d ones: run `flowercli embed` again")
+    emb.name_captions, emb.name_vectors = embed_names(encoder, names, batch_size, bool(attrs.get("normalised")),
+                                                      str(emb.vectors.dtype))
+    mtime = path.stat().st_mtime_ns
+    data.write_embeddings(path, emb)
+    # Same captions, same vectors: keep the file's age, which picks the default embeddings of `train`.
+    os.utime(path, ns=(time.time_ns(), mtime))
+    return True
