@@ -214,6 +214,9 @@ class TrainConfig:
     keep: int = 3  # step checkpoints to keep (latest.pt is extra)
     sample_every: int = 1  # epochs between sample grids
     log_every: int = 50  # steps between log.jsonl lines
+    # Fraction of training captions replaced by a species-name caption of the image's own class
+    # ("a sunflower", data.NAME_TEMPLATES): human captions rarely name the species, users do (0 = off).
+    name_mix: float = 0.0
     resume: bool = False
     recipe: str = "modern"
     model: ModelConfig = ModelConfig()

@@ -155,6 +155,10 @@ class TrainData:
     sample_captions: list[str]
     encoder: dict[str, Any]
     split: str
+    # Species-name captions (`name_mix` > 0 only): (n classes, templates, D) standardised like
+    # `vectors`, row k for class `classes[k]`; `name_mix` of the captions are drawn from them.
+    name_vectors: torch.Tensor | None = None
+    name_mix: float = 0.0
 
 
 def find_embeddings(layout: DataLayout) -> Path:
@@ -164,12 +168,14 @@ def find_embeddings(layout: DataLayout) -> Path:
     return files[-1]
 
 
-def load_train_data(cfg: TrainConfig, emb_path: Path) -> TrainData:
+def load_train_data(cfg: TrainConfig, emb_path: Path, report: Reporter = Reporter()) -> TrainData:
     from flowercli.data import open_embeddings, select_split
     from flowercli.images import load_images
 
     layout = DataLayout(cfg.data_dir)
     emb = open_embeddings(emb_path)
+    if cfg.name_mix > 0:
+        emb = _with_name_vectors(emb, emb_path, layout, cfg.device, report)
     split, train, held = select_split(emb, cfg.split)
     classes = sorted(set(int(c) for c in emb.labels[train]))
     index = {c: i for i, c in enumerate(classes)}
@@ -187,6 +193,10 @@ def load_train_data(cfg: TrainConfig, emb_path: Path) -> TrainData:
     picks = list(rng.choice(pool_train, SAMPLE_PROMPTS - n_held, replace=len(pool_train) < SAMPLE_PROMPTS - n_held))
     picks += list(rng.choice(pool_held, n_held, replace=False)) if n_held else []
     sample_raw = torch.from_numpy(np.asarray(np.stack([emb.vectors[i, 0] for i in picks]), dtype=np.float32))
+    names = None
+    if cfg.name_mix > 0:
+        names = torch.from_numpy(np.asarray(emb.name_vectors[np.array(classes) - 1], dtype=np.float32))
+        names = (names - mean) / std
     return TrainData(
         images=torch.from_numpy(load_images(layout.jpg, ids, cfg.model.image_size)),
         vectors=(vectors - mean) / std,
@@ -199,7 +209,33 @@ def load_train_data(cfg: TrainConfig, emb_path: Path) -> TrainData:
         sample_captions=[emb.captions[i][0] for i in picks],
         encoder={**{k: v for k, v in emb.attrs.items() if isinstance(v, (str, int, float, bool))}, "path": str(emb_path)},
         split=split,
+        name_vectors=names,
+        name_mix=cfg.name_mix,
     )
+
+
+def _with_name_vectors(emb, emb_path: Path, layout: DataLayout, device: str, report: Reporter):
+    """`emb` with the species-name vectors of classnames.txt: embedded into its file first when it
+    predates them (or holds those of other names or templates), so it need not be embedded again."""
+    from flowercli.data import name_captions, open_embeddings, read_class_names
+    from flowercli.embed import add_name_vectors
+
+    names = read_class_names(layout)
+    if names is None and emb.name_vectors is not None:
+        return emb  # made from the class names of the dataset it was embedded from
+    if names is None:
+        raise DataError(f"name_mix needs the species names and {layout.dataset / 'classnames.txt'} is missing: "
+                        "download captions that include classnames.txt, or train with name_mix 0")
+    if emb.name_vectors is not None and emb.name_captions == name_captions(names):
+        return emb
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        add_name_vectors(emb_path, names, device=device, report=report)
+    if world > 1:  # the other ranks read the file once rank 0 has rewritten it
+        import torch.distributed as dist
+
+        dist.barrier()
+    return open_embeddings(emb_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,7 +530,14 @@ def make_batch(data: TrainData, idx: torch.Tensor, g: torch.Generator, gc: torch
     device = opts.device
     x = batch_images(data.images[idx], g, device, opts.channels_last)
     cap = (torch.rand(len(idx), generator=gc) * data.n_captions[idx]).long()
-    text = data.vectors[idx, cap].to(device)
+    text = data.vectors[idx, cap]
+    if data.name_mix > 0:
+        # After the caption draw and from `gc` only: name_mix 0 draws nothing, so runs without it
+        # are unchanged. The mismatch term pairs this (name) caption with an image of another class.
+        named = torch.rand(len(idx), generator=gc) < data.name_mix
+        template = torch.randint(data.name_vectors.shape[1], (len(idx),), generator=gc)
+        text = torch.where(named[:, None], data.name_vectors[data.labels[idx], template], text)
+    text = text.to(device)
     labels = data.labels[idx].to(device)
     wrong, wrong_mask = mismatch(labels, g)
     z = torch.randn(len(idx), mcfg.noise_dim, generator=g, device=device)
@@ -723,6 +766,8 @@ def validate_config(cfg: TrainConfig) -> None:
         raise InputError(f"--image-size must be a power of two of at least 16 (16, 32, 64, 128), got {m.image_size}")
     if cfg.split not in ("auto", "classes", "images", "all"):
         raise InputError(f"unknown split {cfg.split!r}; choose auto, classes, images or all")
+    if not 0 <= cfg.name_mix < 1:  # 1 would drop every human caption
+        raise InputError(f"name_mix must be at least 0 and below 1 (a fraction of the captions), got {cfg.name_mix}")
 
 
 def _train(cfg, report, world, rank, device, is_main, autocast_dtype, adam, threads, layout, run_name, run_dir,
@@ -750,7 +795,7 @@ def _train(cfg, report, world, rank, device, is_main, autocast_dtype, adam, thre
         elif ckpt_dir.is_dir() and any(ckpt_dir.glob("step-*.pt")):
             raise FlowerError(f"run {run_dir} already has checkpoints; add --resume to continue it or pick another --run")
 
-        data = load_train_data(cfg, emb_path)
+        data = load_train_data(cfg, emb_path, report)
         if state is not None:
             diffs = data_differences(state["encoder"], data.encoder)
             if diffs:
