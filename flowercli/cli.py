@@ -309,6 +309,9 @@ def train(
     text_proj: Optional[bool] = typer.Option(None, "--text-proj/--no-text-proj", help="Caption projection term in D's logit."),
     g_channels: Optional[int] = typer.Option(None, "--g-channels", min=4, help="Generator width [recipe default: modern 32, reference 64]."),
     d_channels: Optional[int] = typer.Option(None, "--d-channels", min=4, help="Discriminator width [recipe default: modern 32, reference 64]."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="FIELD=VALUE",
+                                             help="Set any training field (beta1=0.5) or model field (model.noise_layers=concat), "
+                                             "parsed by its type; repeatable; wins over the recipe and the other flags."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
@@ -327,6 +330,8 @@ def train(
 
         flowercli train --recipe reference --run baseline --epochs 5
 
+        flowercli train --run noisy --set model.noise_layers=concat --set model.mbstd_group=4 --set beta1=0.5
+
         torchrun --nproc_per_node 2 -m flowercli train --name ddp --epochs 10
     """
     from flowercli import train as train_mod
@@ -338,6 +343,12 @@ def train(
         aux_weight=aux_weight, ma_gp=ma_gp, diffaug=diffaug, ema=ema, gan_int=gan_int, g_channels=g_channels, d_channels=d_channels,
         cond_bn=cond_bn, text_proj=text_proj, mode_seek=mode_seek, contrastive=contrastive,
     ).items() if v is not None}
+    from flowercli.config import parse_set
+
+    try:
+        given.update(parse_set(set_ or []))
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="'--set'") from None
     data_dir = data_dir or default_data_dir()
     runs_dir = runs_dir or default_runs_dir()
     if embeddings is None and encoder is not None:
@@ -373,6 +384,10 @@ def generate(
     interpolate: Optional[List[str]] = typer.Option(None, "--interpolate", help='Walk between two captions: --interpolate "A" --interpolate "B".'),
     steps: int = typer.Option(8, "--steps", help="Images along an --interpolate walk."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    sample_condition: Optional[bool] = typer.Option(
+        None, "--sample-condition/--mean-condition",
+        help="With a conditioning-augmentation generator: sample each image's condition from its seed (more "
+        "variety per prompt) or use the caption's mean [default: what the run's model.sample_condition says, else mean]."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per image (path, prompt, seed, checkpoint)."),
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
@@ -391,6 +406,8 @@ def generate(
         flowercli generate --prompts-file prompts.txt -n 8 --json
 
         flowercli generate --interpolate "red petals" --interpolate "blue petals" --steps 8
+
+        flowercli generate "a pink flower with many petals" -n 16 --sample-condition
     """
     from flowercli.config import GenerateConfig
     from flowercli.errors import InputError
@@ -412,7 +429,8 @@ def generate(
             raise InputError("--interpolate takes exactly two captions: --interpolate \"A\" --interpolate \"B\"")
         pair = (interpolate[0], interpolate[1])
     cfg = GenerateConfig(prompts=tuple(all_prompts), checkpoint=checkpoint, runs_dir=runs_dir or default_runs_dir(),
-                         out=out, n=n, seed=seed, device=device, interpolate=pair, steps=steps)
+                         out=out, n=n, seed=seed, device=device, interpolate=pair, steps=steps,
+                         sample_condition=sample_condition)
     records = run_generate(cfg, RichReporter(quiet=quiet, verbose=verbose))
     for r in records:
         if as_json:

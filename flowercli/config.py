@@ -6,10 +6,14 @@ Standard library only: `flowercli --help` must not pay for importing torch.
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterable
 
 DATA_DIR_ENV = "FLOWERCLI_DATA_DIR"
 RUNS_DIR_ENV = "FLOWERCLI_RUNS_DIR"
@@ -155,6 +159,9 @@ class EmbedConfig:
     normalise: bool = False  # L2-normalise each caption vector before storing
 
 
+NOISE_LAYERS = ("none", "concat", "chunks")  # values of ModelConfig.noise_layers
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The networks and the GAN objective. `recipe_defaults` gives the two named starting points."""
@@ -187,6 +194,21 @@ class ModelConfig:
     # D's logit also gets <projected caption, pooled image features> (Miyato & Koyama's projection
     # with the caption instead of the class label): the one conditioning that exists for unseen classes.
     text_proj: bool = False
+    # Switches that make G use its noise; all off by default. With the caption setting every cond_bn
+    # scale and shift and the noise entering the first layer only, images of one prompt are near-copies.
+    # noise_layers (needs cond_bn): "concat" feeds [condition || z] to every conditional BatchNorm
+    # (DF-GAN); "chunks" splits z into one chunk for the first layer and one per G block (BigGAN).
+    noise_layers: str = "none"  # none | concat | chunks
+    # Minibatch standard deviation (ProGAN/StyleGAN): one feature map in D, before its last layers,
+    # holding the spread of the image features over groups of this many images (0 = off): a batch of
+    # near-copies gives itself away.
+    mbstd_group: int = 0
+    # The mode-seeking term on this many captions with two fresh noise vectors each, in one G forward
+    # of 2 x pairs images (0 = the first half of the batch against one more noise vector each).
+    mode_seek_pairs: int = 0
+    # How `generate` and `eval` use a cond_aug generator by default: sample each image's condition
+    # from its seed (True) or use the caption's mean condition (False). Training is unaffected.
+    sample_condition: bool = False
 
 
 @dataclass(frozen=True)
@@ -241,6 +263,102 @@ RECIPES: dict[str, dict[str, dict]] = {
 }
 
 
+# `flowercli train --set FIELD=VALUE`: any TrainConfig field by name and any ModelConfig field as
+# model.NAME (or NAME alone), each parsed by its field's type, so a new field is reachable without a new flag.
+# Not settable (with what sets them instead): the run's identity and folders, and what the data decides.
+SET_EXCLUDED = {
+    "recipe": "use --recipe", "model": "set its fields as model.NAME", "run": "use --run", "resume": "use --resume",
+    "data_dir": "use --data-dir", "runs_dir": "use --runs-dir", "embeddings": "use --embeddings",
+    "model.text_dim": "it comes from the embeddings file", "model.n_classes": "it comes from the training classes",
+}
+# Fields with a fixed set of values, refused when parsed rather than when the run starts.
+SET_CHOICES = {
+    "model.noise_layers": NOISE_LAYERS, "model.loss": ("bce", "hinge"),
+    "model.d_head": ("aux", "projection", "both", "none"), "split": ("auto", "classes", "images", "all"),
+    "device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16"),
+    "adam": ("auto", "forloop", "foreach", "fused"),
+}
+# Smallest sensible integers (the flags' own limits): below them the loop divides by zero or loops forever.
+SET_MINIMUM = {
+    "epochs": 1, "max_steps": 0, "batch_size": 2, "seed": 0, "threads": 0, "checkpoint_every": 1, "keep": 1,
+    "sample_every": 1, "log_every": 1, "model.image_size": 16, "model.noise_dim": 1, "model.cond_dim": 1,
+    "model.g_channels": 4, "model.d_channels": 4, "model.mbstd_group": 0, "model.mode_seek_pairs": 0,
+}
+
+
+def settable_fields() -> dict[str, Any]:
+    """The names `--set` accepts, with their types: TrainConfig fields, then ModelConfig's as model.NAME."""
+    out: dict[str, Any] = {}
+    for prefix, cls in (("", TrainConfig), ("model.", ModelConfig)):
+        for name, hint in typing.get_type_hints(cls).items():
+            if prefix + name not in SET_EXCLUDED:
+                out[prefix + name] = hint
+    return out
+
+
+def parse_set(items: Iterable[str]) -> dict[str, Any]:
+    """`FIELD=VALUE` strings -> {field name: typed value}, the overrides `make_config` takes (a later one wins).
+
+    Raises ValueError with a one-line message naming the field and what it accepts.
+    """
+    fields = settable_fields()
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"{item!r} is not FIELD=VALUE, e.g. model.noise_layers=concat or beta1=0.5")
+        if key not in fields and f"model.{key}" in fields.keys() | SET_EXCLUDED.keys():
+            key = f"model.{key}"  # the names do not overlap, so model. may be left out
+        if key in SET_EXCLUDED:
+            raise ValueError(f"{key} cannot be changed with --set: {SET_EXCLUDED[key]}")
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=3)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise ValueError(f"unknown field {key!r}; {hint}settable: {', '.join(fields)}")
+        out[key.removeprefix("model.")] = _parse_value(key, raw.strip(), fields[key])
+    return out
+
+
+def _parse_value(key: str, raw: str, hint: Any) -> Any:
+    args = typing.get_args(hint)
+    if type(None) in args:  # an optional field: "none" clears it
+        if raw.lower() == "none":
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if key in SET_CHOICES:
+        if raw not in SET_CHOICES[key]:
+            raise ValueError(f"{key}={raw!r}: expected one of {', '.join(SET_CHOICES[key])}")
+        return raw
+    if hint is bool:
+        if raw.lower() in ("true", "1"):
+            return True
+        if raw.lower() in ("false", "0"):
+            return False
+        raise ValueError(f"{key}={raw!r}: expected a bool: true, false, 1 or 0")
+    if hint is int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"{key}={raw!r}: expected an integer") from None
+        if value < SET_MINIMUM.get(key, value):
+            raise ValueError(f"{key}={raw!r}: expected an integer of at least {SET_MINIMUM[key]}")
+        return value
+    if hint is float:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise ValueError(f"{key}={raw!r}: expected a finite number, e.g. 0.5 or 1e-4")
+        return value
+    if hint is Path:
+        if not raw:
+            raise ValueError(f"{key}: expected a path")
+        return Path(raw)
+    return raw
+
+
 @dataclass(frozen=True)
 class GenerateConfig:
     prompts: tuple[str, ...] = ()
@@ -252,6 +370,9 @@ class GenerateConfig:
     device: str = "auto"
     interpolate: tuple[str, str] | None = None
     steps: int = 8
+    # Sample the conditioning-augmentation condition per image (True) or use the mean (False);
+    # None: what the checkpoint's model.sample_condition says.
+    sample_condition: bool | None = None
 
 
 @dataclass(frozen=True)

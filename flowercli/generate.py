@@ -142,11 +142,12 @@ def load_generator(checkpoint: Path | None = None, device: str = "cpu", runs_dir
         raise CheckpointError(f"checkpoint {path} does not match this flowercli's generator ({why}); "
                               "use a checkpoint written by this version of flowercli train") from None
     G.to(dev).eval()
+    sample_condition = mcfg.sample_condition and mcfg.cond_aug  # the run's intended default
     data = state.get("data", {})
     meta = {"split": data.get("split"), "embeddings": data.get("embeddings"), "data_dir": data.get("data_dir"),
             "classes": data.get("classes"), "encoder": state["encoder"].get("encoder"), "encoder_info": state["encoder"],
             "step": state.get("step"), "recipe": state["config"].get("recipe"), "extra": state.get("meta", {})}
-    return LoadedGenerator(G=G, meta=meta, checkpoint=path, device=dev)
+    return LoadedGenerator(G=G, meta=meta, checkpoint=path, device=dev, sample_condition=sample_condition)
 
 
 def check_prompts(prompts: list[str]) -> list[str]:
@@ -176,7 +177,13 @@ def generate(cfg: GenerateConfig, report: Reporter = Reporter()) -> list[dict[st
     if packaged:
         report.info(f"Using the packaged pretrained generator ({path.name}); pass --checkpoint to use your own")
     gen = load_generator(path, cfg.device)
-    report.debug(f"checkpoint {path}, encoder {gen.encoder_info.get('encoder')}")
+    if cfg.sample_condition is not None:
+        if cfg.sample_condition and not gen.G.cfg.cond_aug:
+            raise InputError(f"--sample-condition needs a generator trained with conditioning augmentation "
+                             f"(--cond-aug); {path} was trained without, so its condition has nothing to sample")
+        gen.sample_condition = cfg.sample_condition
+    report.debug(f"checkpoint {path}, encoder {gen.encoder_info.get('encoder')}, "
+                 f"condition {'sampled per image' if gen.sample_condition else 'mean'}")
 
     records: list[dict[str, Any]] = []
     if cfg.interpolate is not None:

@@ -4,7 +4,8 @@ Both follow DCGAN at 64x64 (a 4x4 seed doubled by stride-2 (transposed) convolut
 text joined the way the reference design does it: a learned projection of the sentence vector,
 concatenated to the noise in G and replicated over D's 4x4 feature map. Two options carry the
 caption further (`cond_bn`: into every BatchNorm of G; `text_proj`: a caption projection term in
-D's logit); the `modern` recipe uses both.
+D's logit); the `modern` recipe uses both. Off by default, `noise_layers` carries the noise to every
+conditional BatchNorm too and `mbstd_group` shows D the spread of a batch, against near-identical images.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from flowercli.config import ModelConfig
+from flowercli.config import NOISE_LAYERS, ModelConfig
 
 
 def _n_doublings(image_size: int) -> int:
@@ -55,6 +56,18 @@ class CondAugment(nn.Module):
         return cond, mu, logvar
 
 
+def noise_chunks(cfg: ModelConfig) -> list[int]:
+    """How z is split with `noise_layers="chunks"`: one chunk for the first layer and one per G block.
+
+    As even as possible (the first chunks one wider), so any noise_dim >= the number of chunks works.
+    """
+    k = _n_doublings(cfg.image_size)  # the first layer + the (n_doublings - 1) blocks with a BatchNorm
+    if cfg.noise_dim < k:
+        raise ValueError(f"noise_layers=chunks splits the noise into {k} chunks at {cfg.image_size}x{cfg.image_size}; "
+                         f"noise_dim must be at least {k}, got {cfg.noise_dim}")
+    return [cfg.noise_dim // k + (i < cfg.noise_dim % k) for i in range(k)]
+
+
 class CondBatchNorm(nn.BatchNorm2d):
     """BatchNorm whose scale and shift come from the condition: x_hat * (1 + gamma(c)) + beta(c).
 
@@ -87,13 +100,25 @@ class Generator(nn.Module):
         n = _n_doublings(cfg.image_size)
         ch = cfg.g_channels * 2 ** (n - 1)
         self.seed_channels = ch
-        self.fc = nn.Linear(cfg.noise_dim + cfg.cond_dim, ch * 16, bias=False)
+        if cfg.noise_layers not in NOISE_LAYERS:
+            raise ValueError(f"unknown noise_layers {cfg.noise_layers!r}; use {', '.join(NOISE_LAYERS)}")
+        if cfg.noise_layers != "none" and not cfg.cond_bn:
+            raise ValueError(f"noise_layers={cfg.noise_layers} needs cond_bn (the noise joins the condition there)")
+        # Width of the noise each layer sees: the first layer, then each conditional BatchNorm.
+        self.n_bn = n_bn = n - 1
+        if cfg.noise_layers == "chunks":
+            self.chunks: list[int] | None = noise_chunks(cfg)
+            z_first, z_bn = self.chunks[0], self.chunks[1:]
+        else:
+            self.chunks = None
+            z_first, z_bn = cfg.noise_dim, [cfg.noise_dim if cfg.noise_layers == "concat" else 0] * n_bn
+        self.fc = nn.Linear(z_first + cfg.cond_dim, ch * 16, bias=False)
         self.fc_norm = nn.BatchNorm2d(ch)
         blocks: list[nn.Module] = []
-        for _ in range(n - 1):
+        for i in range(n_bn):
             blocks += [
                 nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False),
-                CondBatchNorm(ch // 2, cfg.cond_dim) if cfg.cond_bn else nn.BatchNorm2d(ch // 2),
+                CondBatchNorm(ch // 2, cfg.cond_dim + z_bn[i]) if cfg.cond_bn else nn.BatchNorm2d(ch // 2),
                 nn.LeakyReLU(0.2),
             ]
             ch //= 2
@@ -107,10 +132,20 @@ class Generator(nn.Module):
     def forward(self, z: torch.Tensor, text: torch.Tensor, eps: torch.Tensor | None = None):
         """`text` is already standardised. Returns (images, mu, logvar); mu/logvar are None without CA."""
         cond, mu, logvar = self.cond(text, eps)
+        # What each conditional BatchNorm reads: the condition, and with noise_layers the noise too.
+        if self.chunks is not None:
+            z, *z_bn = torch.split(z, self.chunks, dim=1)  # z is now the first layer's chunk
+            bn_inputs = [torch.cat([cond, zi], dim=1) for zi in z_bn]
+        else:
+            bn_inputs = [torch.cat([cond, z], dim=1) if self.cfg.noise_layers == "concat" else cond] * self.n_bn
         h = self.fc(torch.cat([cond, z], dim=1)).view(-1, self.seed_channels, 4, 4)
         h = self.act(self.fc_norm(h))
+        i = 0
         for block in self.blocks:
-            h = block(h, cond) if isinstance(block, CondBatchNorm) else block(h)
+            if isinstance(block, CondBatchNorm):
+                h, i = block(h, bn_inputs[i]), i + 1
+            else:
+                h = block(h)
         return h, mu, logvar
 
 
@@ -139,7 +174,9 @@ class Discriminator(nn.Module):
             ch *= 2
         self.features = nn.Sequential(*layers)
         self.text = nn.Sequential(sn(nn.Linear(cfg.text_dim, cfg.cond_dim)), nn.LeakyReLU(0.2))
-        self.joint = nn.Sequential(sn(nn.Conv2d(ch + cfg.cond_dim, ch, 1)), nn.LeakyReLU(0.2))
+        # With mbstd_group the joint layer also reads the minibatch-std feature map (one channel).
+        n_std = 1 if cfg.mbstd_group else 0
+        self.joint = nn.Sequential(sn(nn.Conv2d(ch + n_std + cfg.cond_dim, ch, 1)), nn.LeakyReLU(0.2))
         self.adv = sn(nn.Conv2d(ch, 1, 4))
         self.aux = sn(nn.Linear(ch * 16, cfg.n_classes)) if cfg.d_head in ("aux", "both") else None
         self.embed = sn(nn.Embedding(cfg.n_classes, ch)) if cfg.d_head in ("projection", "both") else None
@@ -152,15 +189,20 @@ class Discriminator(nn.Module):
             self.ctr_image = self.ctr_text = None
 
     def forward(self, images: torch.Tensor, text: torch.Tensor, labels: torch.Tensor | None = None,
-                embed: bool = False):
+                embed: bool = False, parts: int = 1):
         """Returns (logit (N,), class_logits (N, C) or None). `labels` (0-based) feed the projection.
 
         With `embed` (needs `contrastive`) a third item: (image, caption) vectors for the contrastive term.
+        `parts`: the batch is this many equal batches concatenated (real; mismatched; fake), whose
+        minibatch-std groups must not mix (the same result as one call per part).
         """
         h = self.features(images)
         t_vec = self.text(text)
         t = t_vec[:, :, None, None].expand(-1, -1, h.shape[2], h.shape[3])
-        j = self.joint(torch.cat([h, t], dim=1))
+        if self.cfg.mbstd_group:
+            j = self.joint(torch.cat([h, minibatch_std(h, self.cfg.mbstd_group, parts), t], dim=1))
+        else:
+            j = self.joint(torch.cat([h, t], dim=1))
         logit = self.adv(j).flatten()
         class_logits = None
         if self.aux is not None:
@@ -173,6 +215,27 @@ class Discriminator(nn.Module):
         if embed:
             return logit, class_logits, (self.ctr_image(pooled), self.ctr_text(t_vec))
         return logit, class_logits
+
+
+def minibatch_std(h: torch.Tensor, group: int, parts: int = 1) -> torch.Tensor:
+    """ProGAN/StyleGAN's minibatch standard deviation: (N, C, H, W) -> (N, 1, H, W).
+
+    Image i of each part shares a group with images i + m, i + 2m, ... (m = part size / group, as
+    StyleGAN reshapes); the feature is the group's standard deviation per feature and position,
+    averaged to one number. Groups cross captions: the batch's images each have their own caption,
+    and a group of one caption's images would reward making them alike. The group shrinks to the
+    largest divisor of the part size (StyleGAN2), so any batch works; at size 1 the feature is constant.
+    """
+    n, c, hh, ww = h.shape
+    if n % parts:
+        raise ValueError(f"a batch of {n} does not split into {parts} equal parts")
+    size = n // parts
+    g = next(d for d in range(max(1, min(group, size)), 0, -1) if size % d == 0)
+    m = size // g
+    y = h.float().reshape(parts, g, m, c, hh, ww)
+    std = (y.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=(2, 3, 4))  # (parts, m)
+    out = std[:, None, :].expand(parts, g, m).reshape(n, 1, 1, 1).expand(n, 1, hh, ww)
+    return out.to(h.dtype)
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from flowercli import __version__
 from flowercli.checkpoint import list_checkpoints, load_latest, save_checkpoint
-from flowercli.config import RECIPES, DataLayout, ModelConfig, TrainConfig
+from flowercli.config import NOISE_LAYERS, RECIPES, DataLayout, ModelConfig, TrainConfig
 from flowercli.errors import CheckpointError, DataError, FlowerError, InputError, Interrupted
 from flowercli.fsutil import atomic_write, nearest_existing
 from flowercli.losses import (
@@ -46,7 +46,7 @@ from flowercli.losses import (
     mismatch,
     mode_seeking,
 )
-from flowercli.models import Discriminator, Generator, count_parameters, recalibrate_batchnorm
+from flowercli.models import Discriminator, Generator, count_parameters, noise_chunks, recalibrate_batchnorm
 from flowercli.report import Reporter
 
 # Settings that must not change when a run is resumed: they define the model or the data order.
@@ -571,7 +571,7 @@ def train_step(nets: Nets, b: Batch, g: torch.Generator, mcfg: ModelConfig,
         ctr = bool(mcfg.contrastive)
         if opts.one_d_forward:
             out, cls, *emb = D(torch.cat([real_in, wrong_in, fake_in]), torch.cat([text_d, text, text]),
-                               labels.repeat(3), embed=ctr)
+                               labels.repeat(3), embed=ctr, parts=3)
             out_real, out_wrong, out_fake = out.float().chunk(3)
             cls_real, cls_wrong, cls_fake = cls.float().chunk(3) if cls is not None else (None, None, None)
             emb_real = tuple(e[:len(x)] for e in emb[0]) if ctr else None
@@ -625,7 +625,18 @@ def train_step(nets: Nets, b: Batch, g: torch.Generator, mcfg: ModelConfig,
             fake_int = G(z2, text_int, eps2)[0]
             out_int = D(diff_augment(fake_int, mcfg.diffaug, g), text_int)[0]
             loss_g = loss_g + mcfg.gan_int * g_adversarial(out_int.float(), mcfg.loss)
-        if mcfg.mode_seek:
+        if mcfg.mode_seek and mcfg.mode_seek_pairs:
+            # The first `mode_seek_pairs` captions, each with two fresh noise vectors (same condition
+            # noise), in one G forward: both images of a pair share its BatchNorm statistics, so
+            # they differ by the noise alone, at 2 x pairs images of G forward per step.
+            p = min(mcfg.mode_seek_pairs, len(b.z))
+            zp = torch.randn((2 * p, b.z.shape[1]), generator=g, device=g.device).to(b.z.device)
+            eps_p = b.eps[:p].repeat(2, 1) if b.eps is not None else None
+            fake_p = G(zp, text[:p].repeat(2, 1), eps_p)[0].float()
+            ms = mode_seeking(fake_p[:p], fake_p[p:], zp[:p], zp[p:])
+            stats["mode_seek"] = ms.detach()
+            loss_g = loss_g + mcfg.mode_seek * ms
+        elif mcfg.mode_seek:
             # Half the batch again with new noise (same captions, same condition noise): half a
             # G forward more per step instead of a whole one.
             h = max(1, len(b.z) // 2)
@@ -759,11 +770,31 @@ def validate_config(cfg: TrainConfig) -> None:
         raise InputError(f"--mode-seek must be 0 or more, got {m.mode_seek}")
     if m.contrastive < 0:
         raise InputError(f"--contrastive must be 0 or more, got {m.contrastive}")
+    if m.noise_layers not in NOISE_LAYERS:
+        raise InputError(f"unknown model.noise_layers {m.noise_layers!r}; use {', '.join(NOISE_LAYERS)}")
+    if m.noise_layers != "none" and not m.cond_bn:
+        raise InputError(f"model.noise_layers={m.noise_layers} needs conditional BatchNorm (--cond-bn): the noise "
+                         "joins the condition there")
+    if m.mbstd_group < 0 or m.mode_seek_pairs < 0:
+        raise InputError("model.mbstd_group and model.mode_seek_pairs must be 0 (off) or more")
+    if m.mode_seek_pairs and not m.mode_seek:
+        raise InputError("model.mode_seek_pairs sets where the mode-seeking term is computed; give it a weight "
+                         "too (--mode-seek, e.g. 0.1)")
+    if m.mode_seek_pairs > cfg.batch_size:
+        raise InputError(f"model.mode_seek_pairs ({m.mode_seek_pairs}) takes that many captions of the batch; "
+                         f"use at most --batch-size ({cfg.batch_size})")
+    if m.sample_condition and not m.cond_aug:
+        raise InputError("model.sample_condition samples the conditioning-augmentation condition; it needs --cond-aug")
     unknown = [p for p in m.diffaug.split(",") if p.strip() and p.strip() not in DIFFAUG_NAMES]
     if unknown:
         raise InputError(f"unknown --diffaug part {unknown[0]!r}; use a comma list of {', '.join(DIFFAUG_NAMES)} or \"\"")
     if m.image_size < 16 or m.image_size & (m.image_size - 1):
         raise InputError(f"--image-size must be a power of two of at least 16 (16, 32, 64, 128), got {m.image_size}")
+    if m.noise_layers == "chunks":
+        try:
+            noise_chunks(m)
+        except ValueError as e:
+            raise InputError(f"{e}; raise model.noise_dim or use model.noise_layers=concat") from None
     if cfg.split not in ("auto", "classes", "images", "all"):
         raise InputError(f"unknown split {cfg.split!r}; choose auto, classes, images or all")
     if not 0 <= cfg.name_mix < 1:  # 1 would drop every human caption

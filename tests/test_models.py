@@ -16,7 +16,7 @@ from flowercli.losses import (
     mismatch,
     mode_seeking,
 )
-from flowercli.models import Discriminator, Generator, recalibrate_batchnorm
+from flowercli.models import Discriminator, Generator, minibatch_std, noise_chunks, recalibrate_batchnorm
 
 
 @pytest.mark.parametrize("size", [16, 32, 64])
@@ -215,3 +215,137 @@ def test_recalibrate_batchnorm_sets_statistics_of_current_weights():
         h = G.fc(torch.cat([cond, z], 1)).view(-1, G.seed_channels, 4, 4)
         means.append(h.mean(dim=(0, 2, 3)))
     assert torch.allclose(bn.running_mean, torch.stack(means).mean(0), atol=1e-5)
+
+
+# --- Switches that make G use its noise (noise_layers, mbstd_group): off by default -------------------
+
+SMALL = dict(text_dim=12, n_classes=4, image_size=16, g_channels=8, d_channels=8, cond_dim=6, cond_aug=True,
+             cond_bn=True, spectral_norm=True, d_head="projection", text_proj=True)
+
+
+def test_default_networks_are_unchanged_by_the_switches():
+    # Parameters, images and logits of the default networks, recorded before the switches existed:
+    # with every switch off (the default) a seed gives the same networks and numbers as before.
+    cfg = ModelConfig(**SMALL)
+    assert (cfg.noise_layers, cfg.mbstd_group, cfg.mode_seek_pairs, cfg.sample_condition) == ("none", 0, 0, False)
+    torch.manual_seed(0)
+    G, D = Generator(cfg), Discriminator(cfg).eval()
+    z, t, e = torch.randn(4, cfg.noise_dim), torch.randn(4, 12), torch.randn(4, 6)
+    img = G(z, t, e)[0]
+    logit = D(img, t, torch.tensor([0, 1, 2, 3]))[0]
+    assert len(G.state_dict()) == 18 and len(D.state_dict()) == 27
+    assert sum(p.double().sum().item() for p in G.parameters()) == pytest.approx(29.15173744758158, rel=1e-9)
+    assert sum(p.double().sum().item() for p in D.parameters()) == pytest.approx(-1.5267143289293017, rel=1e-9)
+    assert img.double().sum().item() == pytest.approx(117.77823356175213, rel=1e-5)
+    assert img.double().abs().sum().item() == pytest.approx(714.2563406990084, rel=1e-5)
+    assert logit.tolist() == pytest.approx([0.7938289046287537, 0.9504499435424805, 0.21970248222351074,
+                                            0.2683908939361572], rel=1e-4, abs=1e-5)
+
+
+def _affines(G):
+    return [m.to_affine for m in G.modules() if hasattr(m, "to_affine")]
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+@pytest.mark.parametrize("layers", ["concat", "chunks"])
+def test_noise_layers_widths_shapes_and_determinism(size, layers):
+    cfg = ModelConfig(**{**SMALL, "image_size": size, "noise_layers": layers})
+    torch.manual_seed(0)
+    G = Generator(cfg)
+    n_bn = int(torch.log2(torch.tensor(size)).item()) - 3  # one conditional BatchNorm per G block
+    if layers == "concat":
+        assert G.fc.in_features == 6 + 100
+        assert [a.in_features for a in _affines(G)] == [6 + 100] * n_bn
+    else:
+        assert len(G.chunks) == n_bn + 1 and sum(G.chunks) == 100 and max(G.chunks) - min(G.chunks) <= 1
+        assert G.fc.in_features == 6 + G.chunks[0]
+        assert [a.in_features for a in _affines(G)] == [6 + c for c in G.chunks[1:]]
+    z, t, e = torch.randn(3, 100), torch.randn(3, 12), torch.randn(3, 6)
+    img = G(z, t, e)[0]
+    assert img.shape == (3, 3, size, size) and img.abs().max() <= 1
+    torch.manual_seed(0)
+    again = Generator(cfg)
+    assert torch.equal(again(z, t, e)[0], img)
+
+
+@pytest.mark.parametrize("layers", ["none", "concat", "chunks"])
+def test_noise_reaches_the_later_layers(layers):
+    cfg = ModelConfig(**{**SMALL, "noise_layers": layers})
+    torch.manual_seed(0)
+    G = Generator(cfg)
+    z, t = torch.randn(4, 100), torch.randn(4, 12)
+    # The conditional BatchNorms' maps start at zero; their gradient still shows what they read:
+    # with noise_layers the columns that read z get a gradient (so training can use the noise there).
+    G(z, t)[0].square().sum().backward()
+    grads = [a.weight.grad for a in _affines(G)]
+    assert all(g[:, :6].abs().sum() > 0 for g in grads)  # the condition's columns
+    assert all((g[:, 6:].abs().sum() > 0) == (layers != "none") for g in grads)  # the noise's columns
+    # Cut the noise out of the first layer: only with noise_layers do images still change with z.
+    G.eval()
+    with torch.no_grad():
+        G.fc.weight[:, 6:] = 0
+        for a in _affines(G):
+            a.weight.normal_(0, 0.5)
+    t1 = t[:1].repeat(4, 1)
+    spread = G(z, t1)[0].std(dim=0).mean().item()
+    assert (spread > 1e-3) == (layers != "none")
+    if layers == "chunks":  # every chunk of a later layer is used
+        for k in range(1, len(G.chunks)):
+            z2 = z.clone()
+            lo = sum(G.chunks[:k])
+            z2[:, lo: lo + G.chunks[k]] += 1
+            assert not torch.allclose(G(z2, t1)[0], G(z, t1)[0], atol=1e-4)
+
+
+def test_noise_layers_need_cond_bn_and_enough_noise():
+    with pytest.raises(ValueError, match="cond_bn"):
+        Generator(ModelConfig(**{**SMALL, "cond_bn": False, "noise_layers": "concat"}))
+    with pytest.raises(ValueError, match="noise_dim must be at least 4"):
+        noise_chunks(ModelConfig(**{**SMALL, "image_size": 64, "noise_layers": "chunks", "noise_dim": 3}))
+    assert noise_chunks(ModelConfig(image_size=64, noise_dim=4)) == [1, 1, 1, 1]
+    assert noise_chunks(ModelConfig(image_size=64, noise_dim=102)) == [26, 26, 25, 25]
+    with pytest.raises(ValueError, match="unknown noise_layers"):
+        Generator(ModelConfig(**{**SMALL, "noise_layers": "everywhere"}))
+
+
+def test_minibatch_std_matches_hand_computation():
+    h = torch.randn(6, 2, 4, 4)
+    # Group 2 over a batch of 6: images (0, 3), (1, 4), (2, 5), as StyleGAN's reshape groups them.
+    out = minibatch_std(h, 2)
+    assert out.shape == (6, 1, 4, 4)
+    for i in range(6):
+        pair = h[[i % 3, i % 3 + 3]]
+        expected = (pair.var(dim=0, unbiased=False) + 1e-8).sqrt().mean()
+        assert torch.allclose(out[i], expected.expand(1, 4, 4), atol=1e-6)
+    # Group 4 does not divide 6: the largest divisor below it (3) is used.
+    groups3 = minibatch_std(h, 3)
+    assert torch.equal(minibatch_std(h, 4), groups3)
+    # parts: each part on its own, as separate calls.
+    assert torch.allclose(minibatch_std(h, 3, parts=2), torch.cat([minibatch_std(h[:3], 3), minibatch_std(h[3:], 3)]))
+    with pytest.raises(ValueError):
+        minibatch_std(h, 2, parts=4)
+    # Copies of one image have no spread; a batch of one is well defined.
+    assert minibatch_std(h[:1].repeat(4, 1, 1, 1), 4).max() < 1e-3
+    assert torch.isfinite(minibatch_std(h[:1], 4)).all()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 7])
+def test_mbstd_discriminator_any_batch(n):
+    cfg = ModelConfig(**{**SMALL, "mbstd_group": 4})
+    torch.manual_seed(0)
+    D = Discriminator(cfg).eval()  # eval: spectral norm's power iteration stays put between calls
+    assert D.joint[0].in_channels == Discriminator(ModelConfig(**SMALL)).joint[0].in_channels + 1
+    x, t, y = torch.randn(n, 3, 16, 16, requires_grad=True), torch.randn(n, 12), torch.arange(n) % 4
+    logit = D(x, t, y)[0]
+    assert logit.shape == (n,) and torch.isfinite(logit).all()
+    logit.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    # One forward over [real; mismatched; fake] equals three calls: the groups never mix the parts.
+    parts = [torch.randn(n, 3, 16, 16) for _ in range(3)]
+    joint = D(torch.cat(parts), t.repeat(3, 1), y.repeat(3), parts=3)[0]
+    assert torch.allclose(joint, torch.cat([D(p, t, y)[0] for p in parts]), atol=1e-5)
+    # Image 0's logit depends on the other images of its group (here groups of 2 and 3; 5 and 7 are
+    # prime, so their groups have one image and the feature is a constant).
+    copies = x.detach()[:1].repeat(n, 1, 1, 1)
+    moved = D(copies, t, y)[0][0].item() != D(x.detach(), t, y)[0][0].item()
+    assert moved == (n in (2, 3))
