@@ -455,8 +455,11 @@ def _eval_table(report: dict):
 
     fid, run, acc, col = report["fid"], report["run"], report["class_accuracy"], report["colour"]
     split = report["protocol"]["split"]
+    caps = report.get("caption_set") or {}
+    cap_data, cap_gen = caps.get("data") or {}, caps.get("generator") or {}
     table = Table(title=f"flowercli eval: {split} split of a '{run['split_mode']}' run, {run['image_size']}px, "
-                        f"step {run.get('step')}", title_justify="left", box=box.SIMPLE_HEAD)
+                        f"step {run.get('step')}, captions {cap_data.get('archive', 'unknown')}",
+                  title_justify="left", box=box.SIMPLE_HEAD)
     for name, justify in (("metric", "left"), ("value", "right"), ("ceiling", "right"), ("N gen", "right"),
                           ("N real", "right")):
         table.add_column(name, justify=justify)
@@ -476,11 +479,30 @@ def _eval_table(report: dict):
                           str(a["ceiling"]["n"]))
     table.add_row("colour agreement", pct(col.get("agreement")), pct(col["ceiling"]["agreement"]),
                   str(col.get("n", 0)), f"{col['ceiling']['n_captions']} capt.")
+    sn = report.get("species_names") or {}
+    if sn.get("skipped"):
+        table.add_row("species names", "skipped", "", "0", "")
+    for group, what in (("train", "training species"), ("unseen", "unseen species")):
+        g = sn.get(group) or {}
+        for k in ("top1", "top5") if g.get("classes") else ():
+            table.add_row(f"name {k[:3]}-{k[3:]} ({what})", pct(g[k]), pct(g["ceiling"][k]), str(g["n"]),
+                          str(g["ceiling"]["n"]))
     clf, inc = acc["classifier"], report["inception"]
     table.caption = (f"Ceilings: FID of two disjoint halves of the real {split} images; the real-image "
                      f"classifier on held-out real images of the same classes ({clf['classes']} classes, overall "
                      f"top-1 {pct(clf['top1'])}); the colour rule on real images vs their own captions. "
                      f"Inception: {inc['origin']}, sha256 {inc['sha256'][:12]}, {inc['precision']}.")
+    if sn.get("n"):
+        table.caption += (f" Species names: every class's name in {len(sn['templates'])} sentences x "
+                          f"{sn['seeds_per_template']} seeds.")
+
+    def caption_set(c: dict) -> str:
+        sha = str(c.get("sha256", "unknown"))
+        return "unknown" if sha == "unknown" else f"{c.get('archive', 'unknown')} (sha256 {sha[:12]})"
+
+    trained = ("the set the generator was trained on" if caps.get("same")
+               else f"the generator was trained on: {caption_set(cap_gen)}")
+    table.caption += f" Captions: {caption_set(cap_data)}; {trained}."
     table.caption += diversity_caption
     table.caption_justify = "left"
     return table

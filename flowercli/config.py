@@ -397,6 +397,9 @@ class EvalConfig:
     prdc_k: int = 3
     diversity_prompts: int = 64
     diversity_seeds: int = 8
+    # Images per (species name, template) prompt, every class: 102 x 4 x 2 = 816 Inception passes
+    # (~1.5 min on an idle 2-core CPU); 0 skips the species-name section.
+    name_seeds: int = 2
     classifier_holdout: float = 0.2  # fraction of each class's real images held out from the probe
     classifier_seed: int = 0
     sheet: int = 32  # generated images on samples.png

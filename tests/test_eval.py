@@ -227,6 +227,114 @@ def test_evaluate_reads_the_run_embeddings_file(embedded_dir, tiny_net, tmp_path
 
 
 # ---------------------------------------------------------------------------------------------
+# Species-name prompts and the caption set.
+
+
+def test_name_plan_every_class_every_template_with_its_article():
+    from flowercli.metrics import names
+
+    class_names = ["orange dahlia", "sunflower", "english marigold", "bird of paradise"]
+    plan = names.name_plan(class_names, [2, 1, 3], seeds=2)
+    assert len(plan.prompts) == len(plan.classes) == len(plan.templates) == 3 * len(names.TEMPLATES) * 2
+    for c in (1, 2, 3):
+        assert np.bincount(plan.templates[plan.classes == c]).tolist() == [2] * len(names.TEMPLATES)
+    assert all(class_names[c - 1] in p for p, c in zip(plan.prompts, plan.classes))
+    assert not any("bird of paradise" in p for p in plan.prompts)  # only the classes asked for
+    for prompt in ("a photo of an orange dahlia", "a sunflower in bloom", "this flower is an english marigold",
+                   "my garden has a beautiful orange dahlia", "a photo of a sunflower"):
+        assert prompt in plan.prompts
+    assert not any(" a orange" in p or " a english" in p or "an sunflower" in p for p in plan.prompts)
+    assert names.article("Azalea") == "an" and names.article("hibiscus") == "a"
+    assert names.name_plan(class_names, [1], 0).prompts == []
+    with pytest.raises(DataError, match="class 5 has no name"):
+        names.name_plan(class_names, [1, 5], 1)
+
+
+def test_species_accuracy_splits_training_and_unseen_species():
+    from flowercli.metrics import names
+
+    predicted = np.array([[1, 2], [2, 1], [3, 1], [4, 3], [3, 4], [4, 1]])  # best first
+    truth = np.array([1, 1, 3, 4, 4, 4])
+    templates = np.array([0, 1, 0, 0, 1, 1])
+    acc = names.species_accuracy(predicted, truth, [1, 2, 3], [4], templates, ("t0", "t1"))
+    assert acc["train"]["top1"] == pytest.approx(2 / 3) and acc["train"]["top5"] == 1.0
+    assert acc["train"]["n"] == 3 and acc["train"]["classes"] == 3
+    assert acc["unseen"]["top1"] == pytest.approx(2 / 3) and acc["unseen"]["n"] == 3
+    assert acc["unseen"]["classes"] == 1
+    assert acc["train"]["by_template"] == {"t0": 1.0, "t1": 0.0}
+    assert acc["unseen"]["by_template"] == {"t0": 1.0, "t1": 0.5}
+    no_unseen = names.species_accuracy(predicted[:3], truth[:3], [1, 2, 3], [])
+    assert no_unseen["unseen"]["n"] == 0 and np.isnan(no_unseen["unseen"]["top1"])
+    assert "by_template" not in no_unseen["train"]
+
+
+class NameGenerator(FakeGenerator):
+    """Draws the class a species-name prompt names (the fixture's names are "<colour> flower") the way
+    it draws that class's captions, and records prompts and seeds."""
+
+    def images_from_prompts(self, prompts, seeds) -> np.ndarray:
+        from flowercli.metrics.colour import caption_colour
+
+        self.prompts = getattr(self, "prompts", []) + list(prompts)
+        self.seeds = getattr(self, "seeds", []) + list(seeds)
+        by_colour = {name: c for c, (name, _) in COLOURS.items()}
+        return np.stack([self._image(COLOURS[by_colour[caption_colour(p)]][1], s) for p, s in zip(prompts, seeds)])
+
+
+def test_species_names_and_caption_set_are_reported(data, tiny_net):
+    from flowercli.metrics import names
+
+    emb = make_embeddings(data)
+    emb.attrs = {"captions_archive": "captions.tgz", "captions_sha256": "a" * 64}
+    meta = {**META, "encoder_info": {"captions_archive": "other.tgz", "captions_sha256": "b" * 64}}
+    gen, rep = NameGenerator(emb, meta=meta), ListReporter()
+    report = ev.evaluate(_cfg(data, tiny_net, colour_seeds=0, name_seeds=2), gen, rep, embeddings=emb)
+
+    sn, acc = report["species_names"], report["class_accuracy"]
+    assert sn["templates"] == list(names.TEMPLATES) and sn["seeds_per_template"] == 2
+    assert sn["n"] == len(gen.prompts) == 4 * len(names.TEMPLATES) * 2 and "skipped" not in sn
+    assert "a photo of a red flower" in gen.prompts and "this flower is a white flower" in gen.prompts
+    assert gen.seeds == [ev.SEED_OFFSETS["names"] + i for i in range(sn["n"])]  # its own noise seeds
+    assert sn["train"]["classes"] == 3 and sn["train"]["n"] == 24  # classes 1-3 trained on
+    assert sn["unseen"]["classes"] == 1 and sn["unseen"]["n"] == 8  # class 4 held out
+    assert sn["train"]["top1"] == sn["unseen"]["top1"] == 1.0
+    assert set(sn["unseen"]["by_template"]) == set(names.TEMPLATES)
+    assert sn["train"]["ceiling"] == acc["train"]["ceiling"] and sn["unseen"]["ceiling"] == acc["test"]["ceiling"]
+
+    assert report["caption_set"] == {"generator": {"archive": "other.tgz", "sha256": "b" * 64},
+                                     "data": {"archive": "captions.tgz", "sha256": "a" * 64}, "same": False}
+    warned = [m for kind, m in rep.messages if kind == "warn"]
+    assert any("other.tgz" in m and "captions.tgz" in m for m in warned)
+
+    # Same captions: no warning. An older checkpoint without them: "unknown", no warning either.
+    same, rep2 = {**META, "encoder_info": dict(emb.attrs)}, ListReporter()
+    again = ev.evaluate(_cfg(data, tiny_net, colour_seeds=0, name_seeds=0), NameGenerator(emb, meta=same), rep2,
+                        embeddings=emb)
+    assert again["caption_set"]["same"] is True and not [m for k, m in rep2.messages if k == "warn"]
+    assert again["species_names"]["n"] == 0 and again["species_names"]["skipped"] == "name_seeds is 0"
+    old = ev.evaluate(_cfg(data, tiny_net, colour_seeds=0, name_seeds=0), NameGenerator(emb, meta=META),
+                      embeddings=emb)
+    assert old["caption_set"]["generator"] == {"archive": "unknown", "sha256": "unknown"}
+    assert old["caption_set"]["same"] is None
+    with pytest.raises(InputError, match="name_seeds"):
+        ev.evaluate(_cfg(data, tiny_net, name_seeds=-1), NameGenerator(emb, meta=META), embeddings=emb)
+
+
+def test_species_names_skipped_without_classnames(data, tiny_net):
+    (data / "oxford102" / "classnames.txt").unlink()
+    emb = make_embeddings(data)
+    gen, rep = NameGenerator(emb, meta=META), ListReporter()
+    report = ev.evaluate(_cfg(data, tiny_net, colour_seeds=0), gen, rep, embeddings=emb)
+    sn = report["species_names"]
+    assert sn["n"] == 0 and "classnames.txt is absent" in sn["skipped"] and "train" not in sn
+    assert not getattr(gen, "prompts", [])
+    assert any(k == "warn" and "species-name accuracy skipped" in m for k, m in rep.messages)
+    # The rest of the report is there, and the data's caption set comes from manifest.json (none here).
+    assert report["fid"]["n_generated"] == 24
+    assert report["caption_set"]["data"] == {"archive": "unknown", "sha256": "unknown"}
+
+
+# ---------------------------------------------------------------------------------------------
 # CLI.
 
 
@@ -282,6 +390,23 @@ def test_cli_eval_json_table_and_report(fake_cli):
     assert "FID" in table.stdout and "ceiling" in table.stdout and "colour agreement" in table.stdout
     assert "class top-1 (test unseen)" in table.stdout
     assert json.loads((fake_cli.run / "eval" / "report.json").read_text()) == report  # same numbers again
+
+
+def test_cli_eval_table_shows_species_names_and_caption_set(fake_cli, monkeypatch):
+    emb = make_embeddings(fake_cli.data)
+    emb.attrs = {"captions_archive": "captions.tgz", "captions_sha256": "a" * 64}
+    monkeypatch.setattr(ev, "load_embeddings", lambda path: emb)
+    result = CliRunner().invoke(app, ["eval", "--run", "demo", "--runs-dir", str(fake_cli.runs), "-n", "8",
+                                      "--batch-size", "8"])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.stdout.split())
+    assert "step 7, captions captions.tgz" in out
+    for row in ("name top-1 (training species)", "name top-5 (training species)", "name top-1 (unseen species)"):
+        assert row in out
+    assert "Captions: captions.tgz (sha256 aaaaaaaaaaaa); the generator was trained on: unknown." in out
+    assert "trained on captions" not in result.stderr  # an unknown side is not a difference
+    report = json.loads((fake_cli.run / "eval" / "report.json").read_text())
+    assert report["species_names"]["n"] == 4 * 4 * 2 and report["caption_set"]["same"] is None
 
 
 def test_cli_eval_errors(fake_cli):

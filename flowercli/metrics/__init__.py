@@ -5,6 +5,7 @@
 - `fid`: features -> (mu, sigma) -> Frechet distance (pure functions).
 - `accuracy`: a linear classifier trained on real-image features; top-k accuracy.
 - `colour`: the dominant petal colour of an image and the colour words of a caption.
+- `names`: species-name prompts and their accuracy on training and unseen species.
 - `cache`: keyed, atomically written `.npz` files under `<data>/cache/eval/`.
 - `evaluate`: the protocol of docs/EVALUATION.md, tying the above together.
 

@@ -8,7 +8,8 @@ evaluate(cfg, generator) does, in order:
 3. generate `n` images cycling the split's captions in a fixed shuffled order, seeds seed + i;
    `n_other` more from the other side's captions (class accuracy only);
 4. FID, class accuracy, colour agreement, each with its real-data ceiling; diversity
-   (diversity_eval.py: k-NN precision/recall/density/coverage, within-prompt spread);
+   (diversity_eval.py: k-NN precision/recall/density/coverage, within-prompt spread); species-name
+   prompts of every class (names.py), classified like class accuracy; the caption sets compared;
 5. report.json and samples.png under cfg.out_dir, atomically.
 The generator is passed in (anything with `images_from_vectors`, `images_from_prompts`,
 `image_size` and `meta`), so Python callers and tests can evaluate any model.
@@ -26,7 +27,7 @@ import numpy as np
 
 from flowercli.config import DataLayout, EvalConfig, default_data_dir
 from flowercli.errors import DataError, FlowerError, InputError
-from flowercli.metrics import cache, colour
+from flowercli.metrics import cache, colour, names
 from flowercli.metrics.accuracy import (LinearClassifier, accuracy_report, stratified_holdout,
                                         train_classifier)
 from flowercli.metrics.diversity_eval import check as check_diversity, diversity_report
@@ -36,7 +37,7 @@ from flowercli.report import Reporter
 REPORT_SCHEMA = 1
 MAX_N = 50_000
 # Noise seeds of each group start here (+ seed + i), so groups never share a noise vector.
-SEED_OFFSETS = {"main": 0, "other": 1_000_000, "colour": 2_000_000, "diversity": 3_000_000}
+SEED_OFFSETS = {"main": 0, "other": 1_000_000, "colour": 2_000_000, "diversity": 3_000_000, "names": 5_000_000}
 CLASSIFIER_WEIGHT_DECAY = 1e-3
 
 
@@ -197,6 +198,13 @@ def real_side(extractor, layout: DataLayout, emb, size: int, cfg: EvalConfig, re
     return RealSide(features, labels, key_base, clf, held_idx)
 
 
+def class_ceiling(clf: LinearClassifier, real: np.ndarray, labels: np.ndarray, held_mask: np.ndarray,
+                  classes: np.ndarray) -> dict[str, float | int]:
+    """The probe on the held-out real images of `classes`: the best a generator can score there."""
+    rows = held_mask & np.isin(labels, classes)
+    return accuracy_report(clf, real[rows], labels[rows])
+
+
 # ---------------------------------------------------------------------------------------------
 # Generated side.
 
@@ -307,6 +315,8 @@ def check_config(cfg: EvalConfig) -> None:
     if cfg.colour_seeds < 0 or cfg.sheet < 0:
         raise InputError("colour_seeds and sheet must not be negative")
     check_diversity(cfg, MAX_N)
+    if cfg.name_seeds < 0:
+        raise InputError(f"name_seeds must not be negative (0 skips the species names), got {cfg.name_seeds}")
 
 
 def resolve_embeddings(meta: dict[str, Any], layout: DataLayout) -> Path:
@@ -357,6 +367,7 @@ def evaluate(cfg: EvalConfig, generator, reporter: Reporter = Reporter(), extrac
     if mode == "all":
         reporter.warn("the run trained on every image (--split all): nothing is held out, so the "
                       "'test' numbers are measured on training images and captions")
+    caption_set = caption_sets(meta, emb, layout, reporter)
     groups = {"test": test_mask, "train": train_mask}
     main_name = cfg.split
     other_name = "train" if main_name == "test" else "test"
@@ -410,11 +421,10 @@ def evaluate(cfg: EvalConfig, generator, reporter: Reporter = Reporter(), extrac
         group_data[other_name] = (o_feats, labels[o_rows])
     for name, (feats, truth) in group_data.items():
         group_classes = np.unique(labels[groups[name]])
-        ceiling_rows = held_mask & np.isin(labels, group_classes)
         accuracy[name] = {**accuracy_report(clf, feats, truth),
                           "classes": int(len(group_classes)),
                           "unseen_classes": bool(mode == "classes" and name == "test"),
-                          "ceiling": accuracy_report(clf, real[ceiling_rows], labels[ceiling_rows])}
+                          "ceiling": class_ceiling(clf, real, labels, held_mask, group_classes)}
     probe = accuracy_report(clf, real[held_idx], labels[held_idx])
     probe.update({"n_train": int(len(labels) - len(held_idx)), "classes": int(len(clf.classes)),
                   "model": "logistic regression on standardised Inception features (L-BFGS)",
@@ -425,6 +435,12 @@ def evaluate(cfg: EvalConfig, generator, reporter: Reporter = Reporter(), extrac
     t = time.perf_counter()
     colour_report = _colour(generator, cfg, layout, emb, main_rows, size, reporter)
     timings["colour_s"] = time.perf_counter() - t
+
+    # Species names in a few sentences, for every class, read against the same classifier's ceilings.
+    t = time.perf_counter()
+    names_report = _species_names(generator, extractor, cfg, layout, clf, real, labels, held_mask,
+                                  train_mask, test_mask, reporter)
+    timings["names_s"] = time.perf_counter() - t
 
     report = {
         "schema": REPORT_SCHEMA,
@@ -442,6 +458,8 @@ def evaluate(cfg: EvalConfig, generator, reporter: Reporter = Reporter(), extrac
         "diversity": diversity,
         "class_accuracy": {**accuracy, "classifier": probe},
         "colour": colour_report,
+        "species_names": names_report,
+        "caption_set": caption_set,
     }
     report = _clean(report)
     timings["total_s"] = time.perf_counter() - t_start
@@ -488,3 +506,63 @@ def _colour(generator, cfg: EvalConfig, layout: DataLayout, emb, rows: np.ndarra
             "by_colour": colour.agreement_by(got, wanted, wanted),
             "by_phrasing": colour.agreement_by(got, wanted, phrasing),
             "ceiling": ceiling}
+
+
+def _species_names(generator, extractor, cfg: EvalConfig, layout: DataLayout, clf: LinearClassifier,
+                   real: np.ndarray, labels: np.ndarray, held_mask: np.ndarray, train_mask: np.ndarray,
+                   test_mask: np.ndarray, reporter: Reporter) -> dict[str, Any]:
+    """Every class's name in every template (names.TEMPLATES), `name_seeds` images each, classified
+    by the real-image classifier: accuracy on the training species and on the unseen ones, each
+    beside the classifier's accuracy on held-out real images of the same classes."""
+    from flowercli.data import read_class_names
+
+    train_classes = np.unique(labels[train_mask])
+    unseen_classes = np.setdiff1d(np.unique(labels[test_mask]), train_classes)
+    out: dict[str, Any] = {"templates": list(names.TEMPLATES), "seeds_per_template": cfg.name_seeds, "n": 0}
+    if cfg.name_seeds == 0:
+        return {**out, "skipped": "name_seeds is 0"}
+    try:
+        class_names = read_class_names(layout)
+        if class_names is None:
+            raise DataError(f"{layout.dataset / 'classnames.txt'} is absent (the captions archive had none)")
+        plan = names.name_plan(class_names, np.concatenate([train_classes, unseen_classes]), cfg.name_seeds)
+        seeds = [cfg.seed + SEED_OFFSETS["names"] + i for i in range(len(plan.prompts))]
+        n, chunk, images = len(seeds), max(cfg.batch_size, 256), []
+        with reporter.task(f"generating {n} species-name images", total=n) as task:
+            for start in range(0, n, chunk):
+                images.append(generator.images_from_prompts(plan.prompts[start: start + chunk],
+                                                            seeds[start: start + chunk]))
+                task.advance(len(images[-1]))
+    except FlowerError as e:  # no names, or the prompt encoder is not available here
+        reporter.warn(f"species-name accuracy skipped: {e}")
+        return {**out, "skipped": str(e)}
+    with reporter.task(f"Inception: {n} species-name images", total=n) as task:
+        features = extractor.extract(np.concatenate(images), cfg.batch_size, task)
+    predicted = clf.top_k(features, min(5, len(clf.classes)))
+    acc = names.species_accuracy(predicted, plan.classes, train_classes, unseen_classes, plan.templates)
+    for group, classes in (("train", train_classes), ("unseen", unseen_classes)):
+        acc[group]["ceiling"] = class_ceiling(clf, real, labels, held_mask, classes)
+    return {**out, "n": n, **acc}
+
+
+def caption_sets(meta: dict[str, Any], emb, layout: DataLayout, reporter: Reporter = Reporter()) -> dict[str, Any]:
+    """Which captions the generator was trained on (the embeddings attrs its checkpoint copied) and
+    which the evaluated data holds (its embeddings file, else manifest.json); "unknown" where nothing
+    says (files written before the caption set was recorded). Warns when the two differ: the numbers
+    are then measured on captions the generator never saw, which is allowed but easy to misread."""
+    from flowercli.data import read_caption_set
+
+    def named(attrs: dict[str, Any]) -> dict[str, str]:
+        return {"archive": str(attrs.get("captions_archive") or "unknown"),
+                "sha256": str(attrs.get("captions_sha256") or "unknown")}
+
+    attrs = dict(getattr(emb, "attrs", None) or {})
+    trained = named(meta.get("encoder_info") or {})
+    data = named(attrs if attrs.get("captions_sha256") else read_caption_set(layout))
+    known = "unknown" not in (trained["sha256"], data["sha256"])
+    same = trained["sha256"] == data["sha256"] if known else None
+    if same is False:
+        reporter.warn(f"the generator was trained on captions {trained['archive']} (sha256 {trained['sha256'][:12]}) "
+                      f"but {layout.root} holds {data['archive']} (sha256 {data['sha256'][:12]}); its numbers are "
+                      "not comparable with ones measured on the captions it was trained on")
+    return {"generator": trained, "data": data, "same": same}
