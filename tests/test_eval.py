@@ -245,6 +245,9 @@ def test_name_plan_every_class_every_template_with_its_article():
         assert prompt in plan.prompts
     assert not any(" a orange" in p or " a english" in p or "an sunflower" in p for p in plan.prompts)
     assert names.article("Azalea") == "an" and names.article("hibiscus") == "a"
+    from flowercli.data import NAME_TEMPLATES
+
+    assert not set(NAME_TEMPLATES) & set(names.TEMPLATES)  # eval's sentences are not training's
     assert names.name_plan(class_names, [1], 0).prompts == []
     with pytest.raises(DataError, match="class 5 has no name"):
         names.name_plan(class_names, [1, 5], 1)
