@@ -567,6 +567,10 @@ def eval_(
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Batch size for generation and Inception (does not change results)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     inception: Optional[Path] = typer.Option(None, "--inception", help="TorchScript FID Inception file [default: $FLOWERCLI_INCEPTION, the offline wheel, else download]."),
+    sample_condition: Optional[bool] = typer.Option(
+        None, "--sample-condition/--mean-condition",
+        help="Sample each image's condition from its seed, or use the caption's mean [default: the run's "
+        "model.sample_condition, else mean]; the report says which."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object on stdout instead of the table."),
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
@@ -586,6 +590,8 @@ def eval_(
         flowercli eval --run my-run -n 4096 --seed 1 --json > report.json
 
         flowercli eval --checkpoint runs/my-run/checkpoints/step-0010000.pt --split train
+
+        flowercli eval --run my-run --sample-condition
     """
     from flowercli.config import EvalConfig
     from flowercli.generate import load_generator
@@ -596,7 +602,7 @@ def eval_(
     runs = runs_dir or default_runs_dir()
     run_dir, ckpt = _run_and_checkpoint(run, checkpoint, runs, "say which model to evaluate")
     reporter = RichReporter(quiet=quiet, verbose=verbose)
-    generator = load_generator(ckpt, device, runs)
+    generator = load_generator(ckpt, device, runs, sample_condition=sample_condition)
     reporter.debug(f"checkpoint {generator.checkpoint}")
     cfg = EvalConfig(data_dir=data_dir, out_dir=run_dir / "eval", n=n, seed=seed, split=split,
                      batch_size=batch_size, device=device, inception=inception)

@@ -127,7 +127,9 @@ def resolve_checkpoint(checkpoint: Path | None, runs_dir: Path) -> tuple[Path, b
                           "(flowercli train) or pass --checkpoint PATH")
 
 
-def load_generator(checkpoint: Path | None = None, device: str = "cpu", runs_dir: Path = Path("runs")) -> LoadedGenerator:
+def load_generator(checkpoint: Path | None = None, device: str = "cpu", runs_dir: Path = Path("runs"),
+                   sample_condition: bool | None = None) -> LoadedGenerator:
+    """The checkpoint's EMA generator. `sample_condition` None: the run's model.sample_condition."""
     from flowercli.train import resolve_device
 
     dev = resolve_device(device)
@@ -142,7 +144,11 @@ def load_generator(checkpoint: Path | None = None, device: str = "cpu", runs_dir
         raise CheckpointError(f"checkpoint {path} does not match this flowercli's generator ({why}); "
                               "use a checkpoint written by this version of flowercli train") from None
     G.to(dev).eval()
-    sample_condition = mcfg.sample_condition and mcfg.cond_aug  # the run's intended default
+    if sample_condition is None:
+        sample_condition = mcfg.sample_condition and mcfg.cond_aug  # the run's intended default
+    elif sample_condition and not mcfg.cond_aug:
+        raise InputError(f"--sample-condition needs a generator trained with conditioning augmentation "
+                         f"(--cond-aug); {path} was trained without, so its condition has nothing to sample")
     data = state.get("data", {})
     meta = {"split": data.get("split"), "embeddings": data.get("embeddings"), "data_dir": data.get("data_dir"),
             "classes": data.get("classes"), "encoder": state["encoder"].get("encoder"), "encoder_info": state["encoder"],
@@ -176,12 +182,7 @@ def generate(cfg: GenerateConfig, report: Reporter = Reporter()) -> list[dict[st
     path, packaged = resolve_checkpoint(cfg.checkpoint, cfg.runs_dir)
     if packaged:
         report.info(f"Using the packaged pretrained generator ({path.name}); pass --checkpoint to use your own")
-    gen = load_generator(path, cfg.device)
-    if cfg.sample_condition is not None:
-        if cfg.sample_condition and not gen.G.cfg.cond_aug:
-            raise InputError(f"--sample-condition needs a generator trained with conditioning augmentation "
-                             f"(--cond-aug); {path} was trained without, so its condition has nothing to sample")
-        gen.sample_condition = cfg.sample_condition
+    gen = load_generator(path, cfg.device, sample_condition=cfg.sample_condition)
     report.debug(f"checkpoint {path}, encoder {gen.encoder_info.get('encoder')}, "
                  f"condition {'sampled per image' if gen.sample_condition else 'mean'}")
 

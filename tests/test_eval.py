@@ -167,6 +167,10 @@ def test_same_call_same_numbers_and_real_side_is_cached(data, tiny_net):
     gen = FakeGenerator(emb, meta=META)
     b = ev.evaluate(_cfg(data, tiny_net), gen, rep2, embeddings=emb)
     assert a == b
+    assert a["protocol"]["condition"] == "mean"  # FakeGenerator has no sampled condition
+    gen.sample_condition = True
+    assert ev.evaluate(_cfg(data, tiny_net, n=8, n_other=0, colour_seeds=0), gen,
+                       embeddings=emb)["protocol"]["condition"] == "sampled"
     first = " ".join(m for _, m in rep1.messages)
     second = " ".join(m for _, m in rep2.messages)
     assert "real images once" in first and "classifier once" in first
@@ -352,9 +356,11 @@ def fake_cli(monkeypatch, data, tmp_path, tiny_net):
     (run / "checkpoints" / "step-0000007.pt").write_bytes(b"")
     loaded = []
 
-    def fake_load(checkpoint=None, device="cpu", runs_dir=None):
+    def fake_load(checkpoint=None, device="cpu", runs_dir=None, sample_condition=None):
         loaded.append(Path(checkpoint))
-        return FakeGenerator(emb, meta={**META, "data_dir": str(data), "embeddings": "fake.h5"})
+        gen = FakeGenerator(emb, meta={**META, "data_dir": str(data), "embeddings": "fake.h5"})
+        gen.sample_condition = bool(sample_condition)
+        return gen
 
     monkeypatch.setattr(flowercli.generate, "load_generator", fake_load)
     # Fewer extra images than the protocol's defaults: the CLI test is about wiring, not numbers.
@@ -393,6 +399,9 @@ def test_cli_eval_json_table_and_report(fake_cli):
     assert "FID" in table.stdout and "ceiling" in table.stdout and "colour agreement" in table.stdout
     assert "class top-1 (test unseen)" in table.stdout
     assert json.loads((fake_cli.run / "eval" / "report.json").read_text()) == report  # same numbers again
+    sampled = CliRunner().invoke(app, args + ["--json", "--sample-condition"])
+    assert sampled.exit_code == 0, sampled.output
+    assert json.loads(sampled.stdout)["protocol"]["condition"] == "sampled"
 
 
 def test_cli_eval_table_shows_species_names_and_caption_set(fake_cli, monkeypatch):

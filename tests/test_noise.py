@@ -204,3 +204,13 @@ def test_generate_sample_condition_needs_cond_aug(embedded_dir, tmp_path):
     assert res.exit_code == 1 and "needs a generator trained with conditioning augmentation" in res.output
     assert not (tmp_path / "o").exists() and "Traceback" not in res.output
     _generate(ckpt, tmp_path / "o2", "-n", "1", "--mean-condition")  # the mean is what it always uses
+
+
+def test_load_generator_sample_condition_override(ca_checkpoint, embedded_dir, tmp_path):
+    """`eval --sample-condition` goes through load_generator: an explicit choice wins over the run's."""
+    assert load_generator(ca_checkpoint, sample_condition=True).sample_condition is True
+    assert load_generator(ca_checkpoint, sample_condition=False).sample_condition is False
+    ckpt = train(make_config("reference", data_dir=embedded_dir, runs_dir=tmp_path / "runs", run="ref", image_size=16,
+                             g_channels=8, d_channels=8, cond_dim=8, batch_size=4, max_steps=1)).checkpoint
+    with pytest.raises(InputError, match="needs a generator trained with conditioning augmentation"):
+        load_generator(ckpt, sample_condition=True)

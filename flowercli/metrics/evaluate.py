@@ -449,6 +449,8 @@ def evaluate(cfg: EvalConfig, generator, reporter: Reporter = Reporter(), extrac
                 "embeddings": str(emb_path or getattr(emb, "path", "") or ""), "data_dir": str(layout.root)},
         "protocol": {"split": main_name, "n": cfg.n, "n_other": cfg.n_other if other_name in group_data else 0,
                      "seed": cfg.seed,
+                     # The caption's mean condition, or one sampled from each image's seed (CA generators).
+                     "condition": "sampled" if getattr(generator, "sample_condition", False) else "mean",
                      "captions": int(np.asarray(emb.n_captions)[main_rows].sum()),
                      "real_images": int(len(main_rows))},
         "inception": extractor.describe(),
