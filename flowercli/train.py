@@ -692,7 +692,7 @@ def train(cfg: TrainConfig, report: Reporter = Reporter()) -> TrainResult:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **_attempt_store(rank, world))
             owns_group = True
     is_main = rank == 0
     autocast_dtype = resolve_precision(cfg.precision, device)
@@ -747,6 +747,24 @@ def train(cfg: TrainConfig, report: Reporter = Reporter()) -> TrainResult:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _attempt_store(rank: int, world: int) -> dict[str, Any]:
+    """init_process_group arguments that keep the attempts of a torchrun job apart.
+
+    torchrun's workers rendezvous through its agent's key-value store, and every restart
+    (--max-restarts) reuses that store without a prefix per attempt: a restarted worker can read
+    the address a dead worker of the previous attempt published and fail to connect to it ("Gloo
+    connectFullMesh failed ... Connection refused"; NCCL's id is kept the same way). Under the
+    agent's store, the keys of each attempt go under its restart count; otherwise env:// as usual.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    import torch.distributed as dist
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False)
+    return {"store": dist.PrefixStore(f"flowercli/attempt-{attempt}", store), "rank": rank, "world_size": world}
 
 
 def _discard_if_empty(is_main: bool, created: Path | None, run_dir: Path, ckpt_dir: Path) -> None:
