@@ -159,11 +159,15 @@ NAME_TEMPLATES = (
 )
 
 
+def article(name: str) -> str:
+    """"an" before a vowel letter, else "a" (right for all 102 Oxford names, e.g. "an english marigold")."""
+    return "an" if name[:1].lower() in ("a", "e", "i", "o", "u") else "a"
+
+
 def name_caption(template: str, name: str) -> str:
     """`template` filled with `name`, with "an" before a vowel: "an orange dahlia"."""
     name = " ".join(name.split())
-    article = "an" if name[:1].lower() in ("a", "e", "i", "o", "u") else "a"
-    return template.format(a=article, name=name)
+    return template.format(a=article(name), name=name)
 
 
 def name_captions(names: Sequence[str], templates: Sequence[str] = NAME_TEMPLATES) -> list[list[str]]:

@@ -13,6 +13,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from flowercli.data import article, name_caption  # noqa: F401  (article: one rule for training and eval)
 from flowercli.errors import DataError
 from flowercli.metrics.accuracy import top_k_accuracy
 
@@ -24,16 +25,6 @@ TEMPLATES = (
     "this flower is {a} {name}",
     "my garden has a beautiful {name}",
 )
-
-
-def article(name: str) -> str:
-    """"an" before a vowel letter, else "a" (right for all 102 Oxford names, e.g. "an english marigold")."""
-    return "an" if name[:1].lower() in ("a", "e", "i", "o", "u") else "a"
-
-
-def fill(template: str, name: str) -> str:
-    name = " ".join(name.split())
-    return template.format(a=article(name), name=name)
 
 
 class NamePlan(NamedTuple):
@@ -49,7 +40,7 @@ def name_plan(class_names: Sequence[str], classes: Sequence[int], seeds: int,
     unnamed = [c for c in classes if not 1 <= c <= len(class_names) or not str(class_names[c - 1]).strip()]
     if unnamed:
         raise DataError(f"classnames.txt names {len(class_names)} classes; class {unnamed[0]} has no name")
-    rows = [(fill(t, class_names[c - 1]), c, k) for c in classes for k, t in enumerate(templates) for _ in range(seeds)]
+    rows = [(name_caption(t, class_names[c - 1]), c, k) for c in classes for k, t in enumerate(templates) for _ in range(seeds)]
     return NamePlan([p for p, _, _ in rows], np.array([c for _, c, _ in rows], np.int64),
                     np.array([k for _, _, k in rows], np.int64))
 
