@@ -625,24 +625,24 @@ def train_step(nets: Nets, b: Batch, g: torch.Generator, mcfg: ModelConfig,
             fake_int = G(z2, text_int, eps2)[0]
             out_int = D(diff_augment(fake_int, mcfg.diffaug, g), text_int)[0]
             loss_g = loss_g + mcfg.gan_int * g_adversarial(out_int.float(), mcfg.loss)
-        if mcfg.mode_seek and mcfg.mode_seek_pairs:
-            # The first `mode_seek_pairs` captions, each with two fresh noise vectors (same condition
-            # noise), in one G forward: both images of a pair share its BatchNorm statistics, so
-            # they differ by the noise alone, at 2 x pairs images of G forward per step.
-            p = min(mcfg.mode_seek_pairs, len(b.z))
-            zp = torch.randn((2 * p, b.z.shape[1]), generator=g, device=g.device).to(b.z.device)
-            eps_p = b.eps[:p].repeat(2, 1) if b.eps is not None else None
-            fake_p = G(zp, text[:p].repeat(2, 1), eps_p)[0].float()
-            ms = mode_seeking(fake_p[:p], fake_p[p:], zp[:p], zp[p:])
-            stats["mode_seek"] = ms.detach()
-            loss_g = loss_g + mcfg.mode_seek * ms
-        elif mcfg.mode_seek:
-            # Half the batch again with new noise (same captions, same condition noise): half a
-            # G forward more per step instead of a whole one.
-            h = max(1, len(b.z) // 2)
-            z2 = torch.randn((h, b.z.shape[1]), generator=g, device=g.device).to(b.z.device)
-            fake2 = G(z2, text[:h], b.eps[:h] if b.eps is not None else None)[0]
-            ms = mode_seeking(fake[:h].float(), fake2.float(), b.z[:h], z2)
+        if mcfg.mode_seek:
+            if mcfg.mode_seek_pairs:
+                # The first `mode_seek_pairs` captions, each with two fresh noise vectors (same condition
+                # noise), in one G forward: both images of a pair share its BatchNorm statistics, so
+                # they differ by the noise alone, at 2 x pairs images of G forward per step.
+                p = min(mcfg.mode_seek_pairs, len(b.z))
+                zp = torch.randn((2 * p, b.z.shape[1]), generator=g, device=g.device).to(b.z.device)
+                eps_p = b.eps[:p].repeat(2, 1) if b.eps is not None else None
+                fake_p = G(zp, text[:p].repeat(2, 1), eps_p)[0].float()
+                img_a, img_b, z_a, z_b = fake_p[:p], fake_p[p:], zp[:p], zp[p:]
+            else:
+                # Half the batch again with new noise (same captions, same condition noise): half a
+                # G forward more per step instead of a whole one.
+                h = max(1, len(b.z) // 2)
+                z2 = torch.randn((h, b.z.shape[1]), generator=g, device=g.device).to(b.z.device)
+                fake2 = G(z2, text[:h], b.eps[:h] if b.eps is not None else None)[0]
+                img_a, img_b, z_a, z_b = fake[:h].float(), fake2.float(), b.z[:h], z2
+            ms = mode_seeking(img_a, img_b, z_a, z_b)
             stats["mode_seek"] = ms.detach()
             loss_g = loss_g + mcfg.mode_seek * ms
     opt_G.zero_grad(set_to_none=True)
