@@ -1,11 +1,15 @@
-"""Does the truncation trick help? Evaluate one checkpoint with its noise z scaled by psi.
+"""Does the truncation trick raise class accuracy? No: docs/EXPERIMENTS.md,
+"Class accuracy: truncation, GAN-INT, a class head".
+
+Evaluates one checkpoint with its noise z scaled by psi; at psi 1 it is the eval harness of the later
+class-accuracy experiments (`-n 1024 --n-other 512`).
 
 BigGAN's truncation trick (z drawn closer to 0) trades variety for fidelity and often raises
 class recognisability. `flowercli generate`/`eval` use psi = 1 (z ~ N(0, I)); this script runs the
 default `flowercli eval` protocol (except `-n`, `--n-other`) with z * psi for each psi, so the
 question is answered by measurement before any option is added:
 
-    python bench/truncation.py --checkpoint R/ship3/checkpoints/step-0007587.pt --data-dir D \
+    python experiments/truncation.py --checkpoint R/ship3/checkpoints/step-0007587.pt --data-dir D \
         --n 1024 --n-other 512 --psi 1.0,0.6,0.3
 
 Prints one line per psi (FID, class accuracy, colour agreement, seconds) and writes each report
@@ -16,18 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data-dir", required=True)
-    p.add_argument("--out", default="bench-truncation")
+    p.add_argument("--out", default="out/truncation")
     p.add_argument("--n", type=int, default=1024)
     p.add_argument("--n-other", type=int, default=512)
     p.add_argument("--psi", default="1.0,0.6,0.3")

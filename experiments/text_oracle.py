@@ -1,4 +1,5 @@
-"""How much of an unseen species' look can its captions give at all? A diagnostic for issue 5.
+"""How much of an unseen species' look can its caption vector give at all? Little (2-4 % top-1, 102-way):
+docs/EXPERIMENTS.md, "What the captions carry for unseen species; a class-free discriminator; width; cutout".
 
 No generator is involved. A ridge regression is fitted from caption vectors to the Inception
 features of the real images they describe, on the class split's training classes only (every
@@ -10,7 +11,7 @@ conditioned on the same vectors has little to work from; if it often does, the g
 The predicted features are conditional means, so they sit nearer the centre of feature space than
 any real image: read the figure as "what the caption vectors carry, linearly", not as a bound.
 
-    python bench/text_oracle.py --data-dir D [--embeddings D/embeddings/minilm.h5] [--lam 10]
+    python experiments/text_oracle.py --data-dir D [--embeddings D/embeddings/minilm.h5] [--lam 10]
                                 [--text vectors|words]
 
 Prints one JSON object: top-1 (102-way, as the protocol), the share placed in any unseen class,
@@ -21,17 +22,11 @@ top-1 among the 20 unseen classes only, for the unseen captions and for training
 from __future__ import annotations
 
 import argparse
-import collections
 import json
-import re
-import sys
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from unseen import split_answer  # noqa: E402  (bench/ is on the path when run as a script)
+from common import indicators, split_answer, vocabulary
 
 
 def ridge(x: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
@@ -40,25 +35,6 @@ def ridge(x: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndar
     xc = x - mx
     w = np.linalg.solve(xc.T @ xc + lam * np.eye(x.shape[1]), xc.T @ (y - my))
     return w, my - mx @ w
-
-
-def tokens(caption: str) -> list[str]:
-    w = re.findall(r"[a-z]+(?:-[a-z]+)*", caption.lower())
-    return w + [a + " " + b for a, b in zip(w, w[1:])]
-
-
-def vocabulary(fit_on: list[str], min_count: int = 20) -> list[str]:
-    """The words and word pairs that occur in at least `min_count` of the captions, sorted."""
-    counts = collections.Counter(t for c in fit_on for t in set(tokens(c)))
-    return sorted(t for t, k in counts.items() if k >= min_count)
-
-
-def indicators(captions: list[str], index: dict[str, int], dtype=np.float32) -> np.ndarray:
-    """(n, V) binary indicators of the words and word pairs of `index` (token -> column) in each caption."""
-    out = np.zeros((len(captions), len(index)), dtype)
-    for i, c in enumerate(captions):
-        out[i, [index[t] for t in tokens(c) if t in index]] = 1.0
-    return out
 
 
 def words(captions: list[list[str]], fit_on: list[str], min_count: int = 20) -> np.ndarray:

@@ -1,12 +1,13 @@
-"""Does conditioning on the caption's words help unseen species? An experiment for issue 5.
+"""Does conditioning on the caption's words help unseen species? No: docs/EXPERIMENTS.md,
+"Word-level conditioning; a second seed of the shipped recipe".
 
-`bench/text_oracle.py` found that binary word and word-pair indicators carry a little more of an
+`experiments/text_oracle.py` found that binary word and word-pair indicators carry a little more of an
 unseen species' look than the minilm sentence vector (linearly). This script tests whether a
 generator conditioned on them does better, without changing the package:
 
-    python bench/words.py build --data-dir D --out D/words/minilm-words.h5 [--k 256]
+    python experiments/words.py build --data-dir D --out D/words/minilm-words.h5 [--k 256]
     flowercli train --data-dir D --embeddings D/words/minilm-words.h5 --run words --max-steps 7500 ...
-    python bench/words.py eval --checkpoint R/words/checkpoints/step-0007500.pt --data-dir D --out E
+    python experiments/words.py eval --checkpoint R/words/checkpoints/step-0007500.pt --data-dir D --out E
 
 `build` writes an embeddings file whose vectors are [minilm vector || top-k principal components of
 the word indicators]. The vocabulary (words and word pairs seen >= --min-count times) and the
@@ -16,7 +17,7 @@ the raw indicators because training standardises every dimension, which would bl
 indicator up to tens of standard deviations. The file goes outside <data>/embeddings so that
 `train`/`embed` defaults keep picking the minilm file.
 
-`eval` runs the `flowercli eval` protocol (as bench/truncation.py at psi 1) with prompts encoded
+`eval` runs the `flowercli eval` protocol (as experiments/truncation.py at psi 1) with prompts encoded
 the same way, so colour agreement is measured too.
 """
 
@@ -24,15 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from text_oracle import indicators, vocabulary  # noqa: E402  (bench/ is on the path when run as a script)
+from common import indicators, vocabulary
 
 
 class WordFeatures:

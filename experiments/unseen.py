@@ -1,4 +1,5 @@
-"""Where do images of unseen-class captions land? A diagnostic for issue 5's unseen-class accuracy.
+"""Where do images of unseen-class captions land? Mostly in training species: docs/EXPERIMENTS.md,
+"Class accuracy: truncation, GAN-INT, a class head" and the sections after it.
 
 `flowercli eval` asks the real-image classifier to pick one of all 102 classes for each image
 generated from a caption of the 20 unseen test classes. This script repeats that on the same
@@ -9,7 +10,7 @@ images (the protocol's captions and seeds) and splits the answer:
   image carry its species' look relative to the other unseen species at all;
 - the training classes most often predicted, and the same figures for real unseen-class images.
 
-    python bench/unseen.py --checkpoint R/ship3/checkpoints/step-0007587.pt --data-dir D --n 1024
+    python experiments/unseen.py --checkpoint R/ship3/checkpoints/step-0007587.pt --data-dir D --n 1024
 
 Prints one JSON object.
 """
@@ -17,25 +18,11 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def split_answer(clf, feats: np.ndarray, truth: np.ndarray, unseen: np.ndarray) -> dict:
-    logits = clf.logits(feats)
-    top1 = clf.classes[logits.argmax(1)]
-    cols = np.isin(clf.classes, unseen)
-    top1_unseen = clf.classes[cols][logits[:, cols].argmax(1)]
-    return {"n": int(len(truth)), "top1_102way": float((top1 == truth).mean()),
-            "predicted_in_unseen_classes": float(np.isin(top1, unseen).mean()),
-            "top1_20way_unseen_only": float((top1_unseen == truth).mean()),
-            "most_predicted": collections.Counter(top1.tolist()).most_common(5)}
+from common import split_answer
 
 
 def main() -> None:

@@ -1,0 +1,44 @@
+"""Helpers the experiments share: how a classifier's answers split between seen and unseen species,
+and the word / word-pair indicators of a caption.
+
+The experiments run as scripts (`python experiments/NAME.py`), so Python puts this folder first on
+the import path and `from common import ...` needs no path set-up.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+
+import numpy as np
+
+
+def split_answer(clf, feats: np.ndarray, truth: np.ndarray, unseen: np.ndarray) -> dict:
+    """The 102-way top-1, the share put in any unseen class, and top-1 among the unseen classes only."""
+    logits = clf.logits(feats)
+    top1 = clf.classes[logits.argmax(1)]
+    cols = np.isin(clf.classes, unseen)
+    top1_unseen = clf.classes[cols][logits[:, cols].argmax(1)]
+    return {"n": int(len(truth)), "top1_102way": float((top1 == truth).mean()),
+            "predicted_in_unseen_classes": float(np.isin(top1, unseen).mean()),
+            "top1_20way_unseen_only": float((top1_unseen == truth).mean()),
+            "most_predicted": collections.Counter(top1.tolist()).most_common(5)}
+
+
+def tokens(caption: str) -> list[str]:
+    w = re.findall(r"[a-z]+(?:-[a-z]+)*", caption.lower())
+    return w + [a + " " + b for a, b in zip(w, w[1:])]
+
+
+def vocabulary(fit_on: list[str], min_count: int = 20) -> list[str]:
+    """The words and word pairs that occur in at least `min_count` of the captions, sorted."""
+    counts = collections.Counter(t for c in fit_on for t in set(tokens(c)))
+    return sorted(t for t, k in counts.items() if k >= min_count)
+
+
+def indicators(captions: list[str], index: dict[str, int], dtype=np.float32) -> np.ndarray:
+    """(n, V) binary indicators of the words and word pairs of `index` (token -> column) in each caption."""
+    out = np.zeros((len(captions), len(index)), dtype)
+    for i, c in enumerate(captions):
+        out[i, [index[t] for t in tokens(c) if t in index]] = 1.0
+    return out
