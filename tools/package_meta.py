@@ -1,12 +1,12 @@
-"""Write flowercli/pretrained/generator.json: what the packaged generator is and what it reached.
+"""Release tool: write flowercli/pretrained/generator.json, what the packaged generator is and what it reached.
 
 The packaged `generator.pt` (from `flowercli export`) already carries its config, encoder, data
 and, when the run's eval report belonged to the exported checkpoint, that report. This script
 writes the human-readable summary beside it, adding what the file cannot know: how long training
 took and on which machine.
 
-    flowercli export flowercli/pretrained/generator.pt --run ship4 --runs-dir R
-    python bench/package_meta.py flowercli/pretrained/generator.pt --run ship4 \
+    flowercli export flowercli/pretrained/generator.pt --run base --runs-dir R
+    python tools/package_meta.py flowercli/pretrained/generator.pt --run base \
         --cpu-seconds 7153 --wall-seconds 3618 --device "cpu (2-core ..., AMX)"
 
 The eval figures come from the report inside the exported file (`flowercli eval --run NAME`
@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def summary(state: dict, report: dict | None, run: str, cpu_s: float, wall_s: float, device: str) -> dict:
