@@ -46,6 +46,7 @@ from flowercli import __version__
 from flowercli.config import (CAPTION_FILE_MAX_BYTES, IMAGES_LIMITS, SPLIT_FILES, ArchiveLimits, DataLayout,
                               DownloadConfig, missing_split_files)
 from flowercli.errors import ChecksumError, DataError, DownloadError, FlowerError, InputError
+from flowercli.fsutil import sha256_file
 from flowercli.report import Reporter, Task
 
 try:  # Python builds without liblzma exist; .tar.xz is then simply unsupported.
@@ -609,10 +610,6 @@ def _hashes(path: Path) -> tuple[str, str, int]:
             sha.update(chunk)
             size += len(chunk)
     return md5.hexdigest(), sha.hexdigest(), size
-
-
-def _sha256(path: Path) -> str:
-    return _hashes(path)[1]
 
 
 def _matches(src: Source, md5: str, sha: str) -> bool | None:
@@ -1272,14 +1269,14 @@ def _quick_check(layout: DataLayout, manifest: dict, report: Reporter) -> str | 
             if not layout.split_file(split).is_file():
                 return f"{layout.split_file(split).name} is missing"
         for name, sha in manifest["files"].items():
-            if _sha256(layout.dataset / name) != sha:
+            if sha256_file(layout.dataset / name) != sha:
                 return f"{name} changed since it was installed"
         for role in ROLES:
             rec = manifest["sources"][role]
             path = layout.root / rec["file"]
             if not path.exists():
                 report.info(f"{rec['file']} was removed; checked the installed files only")
-            elif _sha256(path) != rec["sha256"]:
+            elif sha256_file(path) != rec["sha256"]:
                 return f"{rec['file']} changed since it was verified"
     except (OSError, KeyError, TypeError, ValueError) as e:
         return f"the installed dataset is incomplete ({type(e).__name__}: {e})"

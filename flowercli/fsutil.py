@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
@@ -10,6 +11,15 @@ from pathlib import Path
 # Temp files are named ".<final name>.pid<N>.<anything>tmp", so that a later writer can tell the
 # leftovers of a killed process (SIGKILL, power loss: no chance to clean up) from a live writer's.
 _TEMP_PID = re.compile(r"^\..*\.pid(\d+)\.(?:[^.]*\.)?tmp$")
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks (the archives are hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def temp_name(path: Path) -> str:

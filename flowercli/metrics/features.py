@@ -18,7 +18,6 @@ Both give the same features for the same images (the networks are the same TF gr
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from flowercli.errors import FlowerError, InputError
+from flowercli.fsutil import sha256_file
 from flowercli.report import Reporter, Task
 
 INCEPTION_ENV = "FLOWERCLI_INCEPTION"
@@ -91,14 +91,6 @@ def resize_bilinear_tf1(x, size: int | tuple[int, int]):
 
 # ---------------------------------------------------------------------------------------------
 # Finding the network.
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def packaged_inception() -> Path | None:
