@@ -1,11 +1,11 @@
 """Faults (issue 7): disk full, SIGKILL, corrupt files, hostile pickles. Nothing saved may be lost.
 
 Covered elsewhere and not repeated here (see docs/RELIABILITY.md for the full map):
-tests/test_download.py - disk full while copying a mirror file, SIGKILL during an HTTP download
+tests/test_download_*.py - disk full while copying a mirror file, SIGKILL during an HTTP download
 (resumed with Range), corrupt/hostile archives; tests/test_train.py - SIGINT/SIGTERM save and
 exit 130/143, the run lock, --resume past a truncated checkpoint; tests/test_generate.py - a
 truncated and a code-running checkpoint given to `generate`; tests/test_data.py - a truncated or
-garbage HDF5 file and a writer failing midway. bench/kill_soak.py kills `train` at random.
+garbage HDF5 file and a writer failing midway. tests/test_soak.py kills `train` at random.
 """
 
 from __future__ import annotations
@@ -32,10 +32,12 @@ import flowercli.download as dl
 from flowercli.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from flowercli.cli import app
 from flowercli.config import DataLayout, DownloadConfig, EmbedConfig
+from flowercli.download import archive
+from flowercli.download import http as download_http
 from flowercli.errors import CheckpointError, DataError
 from flowercli.report import ListReporter
 
-from test_download import serve  # noqa: F401  (the fixture: a real HTTP server on 127.0.0.1)
+from download_support import serve  # noqa: F401  (the fixture: a real HTTP server on 127.0.0.1)
 
 runner = CliRunner()
 TINY = ["--image-size", "16", "--g-channels", "8", "--d-channels", "8", "--batch-size", "4"]
@@ -119,7 +121,7 @@ def test_disk_full_while_writing_the_training_log(tmp_path, embedded_dir, traine
 
 
 def test_resume_repairs_a_latest_pt_left_one_checkpoint_behind(tmp_path):
-    """A kill between writing step-N.pt and relinking latest.pt (seen in bench/kill_soak.py)."""
+    """A kill between writing step-N.pt and relinking latest.pt (seen in tests/test_soak.py)."""
     from flowercli.checkpoint import load_latest
 
     save_checkpoint(tiny_state(1), tmp_path, keep=3)
@@ -177,7 +179,7 @@ def test_disk_full_while_extracting_keeps_the_installed_dataset(sources_dir, tmp
     data = tmp_path / "data"
     dl.download(DownloadConfig(data_dir=data, mirror=str(sources_dir)))
     before = tree(DataLayout(data).dataset)
-    real, calls = dl._write_member, []
+    real, calls = archive._write_member, []
 
     def write_member(*a, **k):
         calls.append(1)
@@ -185,7 +187,7 @@ def test_disk_full_while_extracting_keeps_the_installed_dataset(sources_dir, tmp
             raise OSError(errno.ENOSPC, "No space left on device", "image_00005.jpg")
         return real(*a, **k)
 
-    monkeypatch.setattr(dl, "_write_member", write_member)
+    monkeypatch.setattr(archive, "_write_member", write_member)
     line = one_error_line(runner.invoke(app, ["download", "--mirror", str(sources_dir), "-d", str(data), "--force"]))
     assert "no space left on the device" in line and "free some space" in line
     assert tree(DataLayout(data).dataset) == before
@@ -218,7 +220,7 @@ def test_disk_full_during_an_http_download_keeps_the_part_and_resumes(sources_di
         return Full(f) if str(path) == str(part) else f
 
     cfg = DownloadConfig(data_dir=data, mirror=srv.url, retry_wait=0.0, timeout=5.0)
-    monkeypatch.setattr(dl, "open", fake_open, raising=False)  # the module's own name lookup
+    monkeypatch.setattr(download_http, "open", fake_open, raising=False)  # the module's own name lookup
     with pytest.raises(Exception) as info:
         dl.download(cfg)
     monkeypatch.undo()
@@ -267,12 +269,12 @@ app()
 
 _SLOW_EXTRACT = """
 import sys, time
-import flowercli.download as dl
-real = dl._write_member
+import flowercli.download.archive as archive
+real = archive._write_member
 def slow(*a, **k):
     time.sleep(0.03)
     return real(*a, **k)
-dl._write_member = slow
+archive._write_member = slow
 from flowercli.cli import app
 sys.argv = ["flowercli", *sys.argv[1:]]
 app()

@@ -1,4 +1,4 @@
-"""Kill soak (issue 7): SIGKILL training at random moments, check what survived, resume, repeat.
+"""Kill soak: SIGKILL training at random moments, check what survived, resume, repeat.
 
 Each round starts a training process on a tiny model (miniature synthetic dataset, packaged
 MiniLM vectors), waits a random time and SIGKILLs it: no handler runs, no cleanup happens. Then:
@@ -15,11 +15,14 @@ process with log_every=1, so that the step at each kill is known; `--cli` starts
 `python -m flowercli train` instead (log every 50 steps, so the loss bound is checked only
 against the checkpoints seen before the kill).
 
-    python bench/kill_soak.py                       # 24 kills, checkpoint every 4 steps
-    python bench/kill_soak.py --kills 40 --checkpoint-every 2 --seed 3
-    python bench/kill_soak.py --cli --kills 20
+It takes minutes, so it is marked `soak` and left out of the default test run:
 
-Prints one result line (and --json a JSON object); exit status 1 when any check failed.
+    python -m pytest -m soak                           # both soaks below, as tests
+    python tests/test_soak.py                          # 24 kills, checkpoint every 4 steps
+    python tests/test_soak.py --kills 40 --checkpoint-every 2 --seed 3
+    python tests/test_soak.py --cli --kills 20
+
+As a script it prints one result line (and --json a JSON object); exit status 1 when any check failed.
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # conftest.make_sources / make_dataset: the miniature dataset
 
 TINY = dict(image_size=16, g_channels=8, d_channels=8, batch_size=2, split="all", keep=3, seed=0)
 
@@ -53,6 +57,7 @@ train(make_config("modern", **kw))
 
 def build_data(work: Path) -> tuple[Path, Path]:
     """The miniature dataset (24 images, 4 classes) and its MiniLM embeddings, under `work`."""
+    # tests/ is on the import path both under pytest and when this file runs as a script.
     from conftest import make_dataset, make_sources
 
     from flowercli.config import EmbedConfig
@@ -122,8 +127,8 @@ def torn_lines(run_dir: Path) -> int:
     return bad
 
 
-def check_files(run_dir: Path) -> tuple[list[str], int, int]:
-    """(problems, newest loadable step, temp files): every file under a final name must be whole."""
+def check_files(run_dir: Path) -> tuple[list[str], int, int, bool]:
+    """(problems, newest loadable step, temp files, latest.pt one behind): every file under a final name must be whole."""
     from PIL import Image
 
     from flowercli.checkpoint import list_checkpoints, load_checkpoint
@@ -187,7 +192,7 @@ def same_weights(a: Path, b: Path) -> list[str]:
     return diffs + ([f"step {sa['step']} vs {sb['step']}"] if sa["step"] != sb["step"] else [])
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kills", type=int, default=24)
     p.add_argument("--checkpoint-every", type=int, default=4)
@@ -197,8 +202,11 @@ def main() -> int:
     p.add_argument("--cli", action="store_true", help="kill `python -m flowercli train` instead of the library worker")
     p.add_argument("--work", type=Path, default=None, help="work folder (kept); default: a temporary one (removed)")
     p.add_argument("--json", action="store_true")
-    args = p.parse_args()
+    return p
 
+
+def soak(args: argparse.Namespace) -> dict:
+    """Run the soak that `args` (from `parser()`) describes; the result's "problems" is empty when all held."""
     rng = random.Random(args.seed)
     work = args.work or Path(tempfile.mkdtemp(prefix="kill-soak-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -221,7 +229,6 @@ def main() -> int:
         proc = start(args, data, emb, runs, "soak", resume, huge)
         launches += 1
         resumes += resume
-        seen: list[int] = []
         if rng.random() < args.early:
             early_kills += 1
             delay = rng.uniform(0.0, 4.0)  # imports, data loading, reading the checkpoint back
@@ -297,21 +304,44 @@ def main() -> int:
         "kill_delay_s": [round(min(kill_delays), 2), round(max(kill_delays), 2)] if kill_delays else None,
         "worker": "cli" if args.cli else "library", "seconds": round(time.time() - t_start, 1), "problems": problems,
     }
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    result = soak(args)
+    problems, latest_lagging = result["problems"], result["latest_pt_one_behind"]
     if args.json:
         print(json.dumps(result))
     else:
         for line in problems:
             print(f"PROBLEM {line}")
-        print(f"kill_soak: runs={launches} kills={kills} (early {early_kills}) resumes={resumes} "
+        print(f"kill_soak: runs={result['runs']} kills={result['kills']} (early {result['early_kills']}) "
+              f"resumes={result['resumes']} "
               f"half_written=0 lost_steps max={result['lost_steps_max']} mean={result['lost_steps_mean']} "
-              f"(checkpoint every {args.checkpoint_every}) final_step={final_step} exact={exact} "
-              f"latest_behind={latest_lagging} stale_temp_max={max_temps} torn_log_lines={result['torn_log_lines']} seconds={result['seconds']} "
-              f"-> {'OK' if not problems else 'FAILED'}"
+              f"(checkpoint every {args.checkpoint_every}) final_step={result['final_step']} "
+              f"exact={result['exact_after_resumes']} latest_behind={latest_lagging} "
+              f"stale_temp_max={result['stale_temp_files_max']} torn_log_lines={result['torn_log_lines']} "
+              f"seconds={result['seconds']} -> {'OK' if not problems else 'FAILED'}"
               if not result["half_written_or_unloadable"] else
               f"kill_soak: {result['half_written_or_unloadable']} half-written files -> FAILED")
-    if args.work is None:
-        shutil.rmtree(work, ignore_errors=True)
     return 0 if not problems else 1
+
+
+# The two soaks docs/RELIABILITY.md reports: the library worker (every step logged, so the steps lost
+# to each kill are checked) and the real `python -m flowercli train` command.
+@pytest.mark.soak
+@pytest.mark.parametrize("cli,kills,seed", [(False, 24, 0), (True, 20, 1)], ids=["library", "cli"])
+def test_kill_soak(tmp_path: Path, cli: bool, kills: int, seed: int) -> None:
+    args = parser().parse_args(["--kills", str(kills), "--seed", str(seed), "--work", str(tmp_path),
+                                *(["--cli"] if cli else [])])
+    result = soak(args)
+    assert result["problems"] == []
+    assert result["kills"] == kills
+    assert result["exact_after_resumes"] is True
+    assert result["half_written_or_unloadable"] == 0
 
 
 if __name__ == "__main__":
