@@ -11,13 +11,15 @@ from pathlib import Path
 # Temp files are named ".<final name>.pid<N>.<anything>tmp", so that a later writer can tell the
 # leftovers of a killed process (SIGKILL, power loss: no chance to clean up) from a live writer's.
 _TEMP_PID = re.compile(r"^\..*\.pid(\d+)\.(?:[^.]*\.)?tmp$")
+# Bytes per read or write when streaming a file: few system calls, yet progress that keeps moving.
+CHUNK = 1 << 20
 
 
 def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks (the archives are hundreds of MB)."""
+    """Hex SHA-256 of a file's bytes, read in blocks (the archives are hundreds of MB)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(1 << 20):
+        while block := f.read(CHUNK):
             h.update(block)
     return h.hexdigest()
 

@@ -7,7 +7,7 @@ directory too) is compared before and after the command. Rows with odd but valid
 unicode, relative paths, a very long prompt) must instead work.
 
 Faults already covered elsewhere are not repeated here: hostile archives, checksums, HTTP faults
-(tests/test_download.py), empty/negative/huge -n and a missing or hostile checkpoint
+(tests/test_download_*.py), empty/negative/huge -n and a missing or hostile checkpoint
 (tests/test_generate.py), resume with another encoder or config (tests/test_train.py).
 """
 
