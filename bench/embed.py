@@ -105,7 +105,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default)")
     args = ap.parse_args()
     if not (args.data_dir / "oxford102" / "text_c10").is_dir():
-        sys.exit(f"{args.data_dir}/oxford102 has no text_c10/: run `flowercli download --data-dir {args.data_dir}` first")
+        sys.exit(f"{args.data_dir}/oxford102 has no text_c10/: "
+                 f"run `flowercli download --data-dir {args.data_dir}` first")
     import torch
 
     if args.threads:

@@ -66,10 +66,12 @@ def warm_figures(checkpoint: Path, threads: int, repeats: int) -> dict[str, floa
         dim = gen.G.cfg.text_dim
         rng = np.random.default_rng(0)
         out = {}
+        v64 = rng.standard_normal((64, dim)).astype(np.float32)
+        v16 = rng.standard_normal((16, dim)).astype(np.float32)
         for name, fn, per in (
             ("embed_prompt_ms", lambda: gen.embed([PROMPT]), 1),
-            ("ms_per_image_64", lambda v=rng.standard_normal((64, dim)).astype(np.float32): gen.images_from_vectors(v, list(range(64))), 64),
-            ("ms_per_image_16", lambda v=rng.standard_normal((16, dim)).astype(np.float32): gen.images_from_vectors(v, list(range(16))), 16),
+            ("ms_per_image_64", lambda: gen.images_from_vectors(v64, list(range(64))), 64),
+            ("ms_per_image_16", lambda: gen.images_from_vectors(v16, list(range(16))), 16),
         ):
             fn()
             times = []
@@ -86,7 +88,8 @@ def warm_figures(checkpoint: Path, threads: int, repeats: int) -> dict[str, floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path, help="a checkpoint file or run folder")
-    ap.add_argument("--data-dir", type=Path, help="make a 1-step checkpoint from this data dir when --checkpoint is not given")
+    ap.add_argument("--data-dir", type=Path,
+                    help="make a 1-step checkpoint from this data dir when --checkpoint is not given")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", default="0,1", help="thread counts for the warm figures (0 = torch's default)")
     ap.add_argument("--json", action="store_true")
@@ -106,8 +109,10 @@ def main() -> None:
         r["help_s"], r["help_all"] = median_wall([str(BIN), "--help"], args.repeats)
         r["import_torch_s"], _ = median_wall([py, "-c", "import torch"], args.repeats)
         r["import_torch_transformers_s"], _ = median_wall(
-            [py, "-c", "import torch; from transformers import AutoModel, AutoTokenizer; AutoModel.from_config"], args.repeats)
-        gen_cmd = [str(BIN), "generate", PROMPT, "-n", "16", "--checkpoint", str(checkpoint), "--out", str(tmp / "out"), "-q"]
+            [py, "-c", "import torch; from transformers import AutoModel, AutoTokenizer; AutoModel.from_config"],
+            args.repeats)
+        gen_cmd = [str(BIN), "generate", PROMPT, "-n", "16", "--checkpoint", str(checkpoint),
+                   "--out", str(tmp / "out"), "-q"]
         r["generate_cold_s"], r["generate_cold_all"] = median_wall(gen_cmd, args.repeats)
         import torch
 
@@ -122,7 +127,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(r))
         return
-    print(f"{r['date']}  {r['cpus']} CPUs  load average {r['loadavg_start']} -> {r['loadavg_end']}  medians of {r['repeats']}")
+    print(f"{r['date']}  {r['cpus']} CPUs  load average {r['loadavg_start']} -> {r['loadavg_end']}  "
+          f"medians of {r['repeats']}")
     print(f"flowercli --help                         {r['help_s']:6.2f} s   {r['help_all']}")
     print(f"new process: import torch                {r['import_torch_s']:6.2f} s")
     print(f"new process: import torch + transformers {r['import_torch_transformers_s']:6.2f} s")

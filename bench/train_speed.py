@@ -215,7 +215,7 @@ def part_costs(data: TrainData, batch_size: int, device: torch.device, repeats: 
         # Training-mode access runs one power iteration and the division by sigma, as each D forward does.
         with torch.no_grad():
             for m in sn:
-                m.weight
+                _ = m.weight
 
     def batch_and_generators():
         g = step_generator(0, 0, 0, device)
@@ -331,8 +331,9 @@ def main() -> None:
         rows.append({"variant": name, **vars(all_variants[name]), "ms_per_step_median": round(med * 1e3, 1),
                      "ms_per_step_min": round(min(times[name]) * 1e3, 1),
                      "cpu_s_per_step_median": round(statistics.median(cpu[name]), 2),
-                     "img_per_s_median": round(args.batch_size / med, 2), "speedup_vs_unoptimised": round(base / med, 3),
-                     "first_step_s": round(first_step[name], 2), "ms_per_step_all": [round(t * 1e3) for t in times[name]]})
+                     "img_per_s_median": round(args.batch_size / med, 2),
+                     "speedup_vs_unoptimised": round(base / med, 3), "first_step_s": round(first_step[name], 2),
+                     "ms_per_step_all": [round(t * 1e3) for t in times[name]]})
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": device_name(device), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "batch_size": args.batch_size, "repeats": args.repeats,
               "steps_per_repeat": args.steps, "loadavg_start": round(load0, 2), "loadavg_end": round(load1, 2),
@@ -357,7 +358,8 @@ def main() -> None:
         for row in rows:
             row["gflop_per_cpu_s"] = round(flops / 1e9 / row["cpu_s_per_step_median"], 1)
     if not args.no_parts:
-        result["parts_ms"] = {k: round(v, 3) for k, v in part_costs(data, args.batch_size, device, args.repeats).items()}
+        parts = part_costs(data, args.batch_size, device, args.repeats)
+        result["parts_ms"] = {k: round(v, 3) for k, v in parts.items()}
     if not args.no_rss:
         cmd = [sys.executable, __file__, "--rss-child", "--batch-size", str(args.batch_size)]
         if args.threads:
@@ -374,19 +376,23 @@ def main() -> None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else platform.processor()
+    model = platform.processor()
+    if Path("/proc/cpuinfo").is_file():
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), model)
     return f"{model}, {len(os.sched_getaffinity(0))} CPUs"
 
 
 def print_table(r: dict) -> None:
     print(f"{r['date']}  {r['device']}  torch {r['torch']}  threads {r['threads']}  batch {r['batch_size']}  "
-          f"{r['repeats']} repeats x {r['steps_per_repeat']} steps  load average {r['loadavg_start']} -> {r['loadavg_end']}")
+          f"{r['repeats']} repeats x {r['steps_per_repeat']} steps  "
+          f"load average {r['loadavg_start']} -> {r['loadavg_end']}")
     print(f"{'variant':28s} {'ms/step med':>11s} {'min':>8s} {'img/s':>7s} {'vs unopt':>8s} {'CPU s/step':>10s} "
           f"{'1st step s':>10s}  all (ms)")
     for row in r["rows"]:
         print(f"{row['variant']:28s} {row['ms_per_step_median']:11.1f} {row['ms_per_step_min']:8.1f} "
-              f"{row['img_per_s_median']:7.2f} {row['speedup_vs_unoptimised']:7.2f}x {row['cpu_s_per_step_median']:10.2f} "
+              f"{row['img_per_s_median']:7.2f} {row['speedup_vs_unoptimised']:7.2f}x "
+              f"{row['cpu_s_per_step_median']:10.2f} "
               f"{row['first_step_s']:10.1f}  {row['ms_per_step_all']}")
     if "gflop_per_step" in r:
         line = f"FLOPs/step {r['gflop_per_step']} G; optimised achieves {r['achieved_gflops']} GFLOP/s"
@@ -394,15 +400,16 @@ def print_table(r: dict) -> None:
             line += f" = {r['percent_of_peak']} % of peak {r['peak_how']}"
         print(line)
         if "percent_of_sgemm" in r:
-            print(f"  = {r['percent_of_sgemm']} % of a {r['sgemm_gflops_median']} GFLOP/s 2048^3 sgemm timed between repeats "
-                  f"(same threads, same load)")
+            print(f"  = {r['percent_of_sgemm']} % of a {r['sgemm_gflops_median']} GFLOP/s 2048^3 sgemm "
+                  f"timed between repeats (same threads, same load)")
         if "core_peak_gflops" in r:
             print(f"  GFLOP per CPU-second of the process (one core's peak: {r['core_peak_gflops']}): "
                   + ", ".join(f"{row['variant']} {row['gflop_per_cpu_s']}" for row in r["rows"]))
     for k, v in r.get("parts_ms", {}).items():
         print(f"  part: {k:48s} {v:9.3f} ms")
     if "peak_rss_mb" in r:
-        print(f"peak RSS of a training process (batch {r['batch_size']}, 8,189 images in memory): {r['peak_rss_mb']:.0f} MB")
+        print(f"peak RSS of a training process (batch {r['batch_size']}, 8,189 images in memory): "
+              f"{r['peak_rss_mb']:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+
 from common import indicators, split_answer, vocabulary
 
 
@@ -55,17 +56,18 @@ def main() -> None:
     args = p.parse_args()
 
     from flowercli.config import DataLayout, EvalConfig
-    from flowercli.train import find_embeddings
     from flowercli.metrics import evaluate as ev
     from flowercli.metrics.features import load_extractor
     from flowercli.report import Reporter
+    from flowercli.train import find_embeddings
 
     layout = DataLayout(Path(args.data_dir))
     path = Path(args.embeddings) if args.embeddings else find_embeddings(layout)
     cfg, rep = EvalConfig(data_dir=layout.root, n=args.n), Reporter()
     emb = ev.load_embeddings(path)
     mode, train_mask, test_mask = ev.split_masks(emb, "classes")
-    extractor = load_extractor(None, layout.cache_dir, device="cpu", precision="fp32", allow_download=False, reporter=rep)
+    extractor = load_extractor(None, layout.cache_dir, device="cpu", precision="fp32", allow_download=False,
+                               reporter=rep)
     real, labels, _, clf, held_idx = ev.real_side(extractor, layout, emb, 64, cfg, rep)
     unseen = np.unique(labels[test_mask])
     vectors = np.asarray(emb.vectors, np.float32)

@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+
 from common import split_answer
 
 
@@ -43,7 +44,8 @@ def main() -> None:
     layout = DataLayout(Path(args.data_dir))
     emb = ev.load_embeddings(ev.resolve_embeddings(gen.meta, layout))
     mode, _, test_mask = ev.split_masks(emb, gen.meta.get("split"))
-    extractor = load_extractor(None, layout.cache_dir, device="cpu", precision="fp32", allow_download=False, reporter=rep)
+    extractor = load_extractor(None, layout.cache_dir, device="cpu", precision="fp32", allow_download=False,
+                               reporter=rep)
     real, labels, _, clf, held_idx = ev.real_side(extractor, layout, emb, gen.image_size, cfg, rep)
     unseen = np.unique(labels[test_mask])
     rows = np.flatnonzero(test_mask)

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from common import indicators, vocabulary
 
 
@@ -40,7 +41,7 @@ class WordFeatures:
         self.index = {t: i for i, t in enumerate(vocab)}
 
     @classmethod
-    def fit(cls, captions: list[str], k: int, min_count: int) -> "WordFeatures":
+    def fit(cls, captions: list[str], k: int, min_count: int) -> WordFeatures:
         vocab = vocabulary(captions, min_count)
         x = indicators(captions, {t: i for i, t in enumerate(vocab)}, np.float64)
         mean = x.mean(0)
@@ -54,7 +55,7 @@ class WordFeatures:
         np.savez(path, vocab=np.array(self.vocab), mean=self.mean, axes=self.axes)
 
     @classmethod
-    def load(cls, path: Path) -> "WordFeatures":
+    def load(cls, path: Path) -> WordFeatures:
         z = np.load(path)
         return cls([str(t) for t in z["vocab"]], z["mean"], z["axes"])
 

@@ -58,10 +58,10 @@ train(make_config("modern", **kw))
 def build_data(work: Path) -> tuple[Path, Path]:
     """The miniature dataset (24 images, 4 classes) and its MiniLM embeddings, under `work`."""
     # tests/ is on the import path both under pytest and when this file runs as a script.
-    from conftest import make_dataset, make_sources
-
     from flowercli.config import EmbedConfig
     from flowercli.embed import embed
+
+    from conftest import make_dataset, make_sources
 
     data = work / "data"
     if not (data / "embeddings" / "minilm.h5").is_file():
@@ -128,7 +128,10 @@ def torn_lines(run_dir: Path) -> int:
 
 
 def check_files(run_dir: Path) -> tuple[list[str], int, int, bool]:
-    """(problems, newest loadable step, temp files, latest.pt one behind): every file under a final name must be whole."""
+    """(problems, newest loadable step, temp files, latest.pt one behind).
+
+    Every file under a final name must be whole.
+    """
     from PIL import Image
 
     from flowercli.checkpoint import list_checkpoints, load_checkpoint
@@ -197,7 +200,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kills", type=int, default=24)
     p.add_argument("--checkpoint-every", type=int, default=4)
     p.add_argument("--seed", type=int, default=0, help="seeds the kill times (not the training)")
-    p.add_argument("--window", type=float, default=1.5, help="seconds after training (re)starts within which the kill lands")
+    p.add_argument("--window", type=float, default=1.5,
+                   help="seconds after training (re)starts within which the kill lands")
     p.add_argument("--early", type=float, default=0.15, help="share of kills during start-up and resume loading")
     p.add_argument("--cli", action="store_true", help="kill `python -m flowercli train` instead of the library worker")
     p.add_argument("--work", type=Path, default=None, help="work folder (kept); default: a temporary one (removed)")
@@ -235,9 +239,9 @@ def soak(args: argparse.Namespace) -> dict:
             time.sleep(delay)
         else:
             if args.cli:
-                started = wait_for(proc, lambda: check_files(run_dir)[1] > before, 120)
+                started = wait_for(proc, lambda before=before: check_files(run_dir)[1] > before, 120)
             else:
-                started = wait_for(proc, lambda: len(logged_steps(run_dir)) > n_logged, 120)
+                started = wait_for(proc, lambda n_logged=n_logged: len(logged_steps(run_dir)) > n_logged, 120)
             if not started:
                 err = proc.stderr.read() if proc.poll() is not None else "no progress in 120 s"
                 problems.append(f"launch {launches} ({'resume' if resume else 'fresh'}) did not train: {err[-500:]}")
@@ -300,7 +304,8 @@ def soak(args: argparse.Namespace) -> dict:
         "lost_steps_max": max(losses) if losses else None,
         "lost_steps_mean": round(sum(losses) / len(losses), 2) if losses else None,
         "checkpoint_every": args.checkpoint_every, "final_step": final_step, "exact_after_resumes": exact,
-        "stale_temp_files_max": max_temps, "latest_pt_one_behind": latest_lagging, "torn_log_lines": torn_lines(run_dir),
+        "stale_temp_files_max": max_temps, "latest_pt_one_behind": latest_lagging,
+        "torn_log_lines": torn_lines(run_dir),
         "kill_delay_s": [round(min(kill_delays), 2), round(max(kill_delays), 2)] if kill_delays else None,
         "worker": "cli" if args.cli else "library", "seconds": round(time.time() - t_start, 1), "problems": problems,
     }
