@@ -1,6 +1,6 @@
 """One checkpoint format, written atomically, loaded without unpickling code.
 
-A checkpoint is a dict of state dicts and plain data (see DESIGN.md): schema_version,
+A checkpoint is a dict of state dicts and plain data (docs/ARCHITECTURE.md): schema_version,
 flowercli_version, config, step, epoch, G, D, G_ema, opt_G, opt_D, rng, encoder, data.
 It is written to a temporary file in the same folder, fsynced and `os.replace`d, so a kill at any
 moment leaves either the old file or the new one; `torch.load(weights_only=True)` refuses pickles

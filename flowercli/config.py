@@ -29,7 +29,7 @@ def default_runs_dir() -> Path:
 
 @dataclass(frozen=True)
 class DataLayout:
-    """Where every stage reads and writes under one data directory (see docs/DESIGN in shared)."""
+    """Where every stage reads and writes under one data directory (docs/ARCHITECTURE.md)."""
 
     root: Path
 

@@ -1,6 +1,6 @@
 """Bad input across every command (issue 7): one table, each row run through the real CLI.
 
-Every row checks the same contract (DESIGN.md): the exit code (1 for a FlowerError, 2 for a usage
+Every row checks the same contract (docs/ARCHITECTURE.md): the exit code (1 for a FlowerError, 2 for a usage
 error), exactly one `Error: ...` line on stderr that names the problem and says what to do, no
 traceback, and nothing left behind: the temporary folder each row works in (the current
 directory too) is compared before and after the command. Rows with odd but valid input (spaces,
