@@ -1,4 +1,4 @@
-"""Benchmark `flowercli eval` on real data (issue 4): wall time of the default protocol, and the
+"""Benchmark `flowercli eval` on real data: wall time of the default protocol, and the
 speed/accuracy of the Inception levers on this CPU.
 
     # Full protocol on a trained run, twice (cold real-image cache, then warm):
