@@ -156,3 +156,42 @@ def test_killed_download_leaves_no_dataset_and_resumes(sources_dir, tmp_path, se
     dl.download(cfg(data, mirror=srv.url))
     assert ("GET", "/102flowers.tgz", f"bytes={kept}-") in srv.log
     assert len(list(DataLayout(data).jpg.iterdir())) == N_IMAGES
+
+
+# ---------------------------------------------------------------------------------------------
+# The FID network, downloaded through the same client
+
+
+def test_fid_network_download_is_resumed_and_recorded(tmp_path, serve, monkeypatch):
+    """A dropped connection is resumed with Range; the file appears under its name only when complete,
+    its sha256 is recorded, and a later run uses it without asking the server again."""
+    from flowercli.metrics import features
+    from flowercli.report import ListReporter
+
+    (tmp_path / "srv").mkdir()
+    body = bytes(range(256)) * 400  # 100 KB stands in for the 95 MB network
+    (tmp_path / "srv" / "net.pt").write_bytes(body)
+    srv = serve(tmp_path / "srv", drop_once={"net.pt"})
+    monkeypatch.setattr(features, "NVIDIA_URL", srv.url + "net.pt")
+    cache = tmp_path / "cache"
+    path = features.download_nvidia_inception(cache, ListReporter())
+    assert path == cache / features.NVIDIA_FILE and path.read_bytes() == body
+    assert [rng for _, p, rng in srv.log if p == "/net.pt"] == [None, f"bytes={len(body) // 2}-"]
+    digest = hashlib.sha256(body).hexdigest()
+    assert (cache / (features.NVIDIA_FILE + ".sha256")).read_text().split() == [digest, features.NVIDIA_FILE]
+    assert sorted(p.name for p in cache.iterdir()) == [features.NVIDIA_FILE, features.NVIDIA_FILE + ".sha256"]
+    requests = len(srv.log)
+    assert features.download_nvidia_inception(cache, ListReporter()) == path and len(srv.log) == requests
+
+
+def test_fid_network_download_failure_names_the_offline_ways(tmp_path, serve, monkeypatch):
+    from flowercli.metrics import features
+
+    srv = serve(tmp_path)  # serves nothing: 404
+    monkeypatch.setattr(features, "NVIDIA_URL", srv.url + "net.pt")
+    with pytest.raises(features.InceptionError) as info:
+        features.download_nvidia_inception(tmp_path / "cache")
+    msg = str(info.value)
+    assert msg.startswith(srv.url + "net.pt: HTTP 404") and "\n" not in msg
+    assert "pip install 'flowercli[offline]'" in msg and "--inception PATH" in msg and "--mirror" not in msg
+    assert not (tmp_path / "cache" / features.NVIDIA_FILE).exists()

@@ -20,6 +20,7 @@ one (monkeypatch) replaces it there: `flowercli.download.install.validate`, not 
 from __future__ import annotations
 
 from flowercli.download.archive import safe_extract
+from flowercli.download.http import fetch_file
 from flowercli.download.install import download
 from flowercli.download.manifest import MANIFEST_SCHEMA, caption_set, summary
 from flowercli.download.sources import (CAPTIONS_CANDIDATES, CAPTIONS_DRIVE_ID, CAPTIONS_NAME, DRIVE_DOWNLOAD_URL,
@@ -30,5 +31,5 @@ from flowercli.download.validation import validate
 __all__ = [
     "CAPTIONS_CANDIDATES", "CAPTIONS_DRIVE_ID", "CAPTIONS_NAME", "DRIVE_DOWNLOAD_URL", "MANIFEST_SCHEMA",
     "OFFICIAL_BASE_URL", "OFFICIAL_CLASSES", "OFFICIAL_IMAGES", "OFFICIAL_MD5", "ROLES", "Source", "caption_set",
-    "download", "resolve_sources", "safe_extract", "summary", "validate",
+    "download", "fetch_file", "resolve_sources", "safe_extract", "summary", "validate",
 ]

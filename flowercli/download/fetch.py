@@ -16,6 +16,7 @@ from flowercli.errors import ChecksumError
 from flowercli.fsutil import CHUNK
 from flowercli.report import Reporter, Task
 
+
 def _hashes(path: Path) -> tuple[str, str, int]:
     md5, sha = hashlib.md5(usedforsecurity=False), hashlib.sha256()
     size = 0

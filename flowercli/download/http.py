@@ -1,5 +1,6 @@
 """The HTTP client: streaming, timeouts, retries with back-off, resume with Range, and the way past
-Google Drive's "can't scan this file for viruses" page.
+Google Drive's "can't scan this file for viruses" page. `fetch_file` lends it to the rest of flowercli
+(the FID network's download).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import html.parser
 import http.client
 import http.cookiejar
 import json
+import os
 import re
 import socket
 import ssl
@@ -24,17 +26,21 @@ from flowercli.config import DownloadConfig
 from flowercli.download.manifest import _read_json
 from flowercli.download.sources import CAPTIONS_NAME, Source, _basename
 from flowercli.errors import DownloadError
-from flowercli.fsutil import CHUNK
+from flowercli.fsutil import CHUNK, fsync_dir
 from flowercli.report import Reporter
+
 
 class _Retryable(Exception):
     """A transient network failure: try again (resuming what was received)."""
 
 
 class _Http:
-    def __init__(self, cfg: DownloadConfig, report: Reporter):
+    def __init__(self, cfg: DownloadConfig, report: Reporter, advice: str | None = None):
         self.cfg = cfg
         self.report = report
+        # What a failed download's error tells the user to do instead. None: the dataset's advice
+        # (--mirror / --captions); other users of the client (the FID network) name their own way out.
+        self.advice = advice
         # Cookies matter for Google Drive's confirm step; the jar lives only as long as this run.
         self.cookies = http.cookiejar.CookieJar()
         self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.cookies))
@@ -45,6 +51,9 @@ class _Http:
 
     def __exit__(self, *exc: object) -> None:
         self.opener.close()
+
+    def _advise(self, default: str) -> str:
+        return self.advice if self.advice is not None else default
 
     def _open(self, url: str, headers: dict[str, str] | None = None, method: str = "GET"):
         req = urllib.request.Request(url, headers=headers or {}, method=method)
@@ -59,8 +68,8 @@ class _Http:
             reason = e.reason
             if isinstance(reason, socket.gaierror):
                 host = urllib.parse.urlsplit(url).hostname
-                raise DownloadError(f"cannot resolve {host} ({reason.strerror}); check the network, "
-                                    "or use --mirror with a local copy") from None
+                raise DownloadError(f"cannot resolve {host} ({reason.strerror}); "
+                                    + self._advise("check the network, or use --mirror with a local copy")) from None
             if isinstance(reason, ssl.SSLCertVerificationError):
                 raise DownloadError(f"TLS certificate check failed for {url}: {reason.verify_message}") from None
             raise _Retryable(str(reason)) from None
@@ -76,7 +85,7 @@ class _Http:
                 attempt += 1
                 if attempt > self.cfg.retries:
                     raise DownloadError(f"could not download {what} from {url} after {attempt} attempts "
-                                        f"({e}); check the network or use --mirror") from None
+                                        f"({e}); " + self._advise("check the network or use --mirror")) from None
                 wait = min(self.cfg.retry_wait * 2 ** (attempt - 1), 60.0)
                 self.report.info(f"{what}: {e}; retry {attempt}/{self.cfg.retries} in {wait:.0f} s")
                 time.sleep(wait)
@@ -136,7 +145,8 @@ class _Http:
                     stalls += 1
                     if stalls > self.cfg.retries:
                         raise DownloadError(f"could not download {src.name} from {src.location} after "
-                                            f"{stalls} attempts ({e}); check the network or use --mirror") from None
+                                            f"{stalls} attempts ({e}); "
+                                            + self._advise("check the network or use --mirror")) from None
                     wait = min(self.cfg.retry_wait * 2 ** (stalls - 1), 60.0)
                 self.report.info(f"{src.name}: {e}; resuming in {wait:.0f} s")
                 time.sleep(wait)
@@ -160,8 +170,8 @@ class _Http:
                         return  # killed after the last byte but before the rename: nothing left to fetch
                     part.unlink()  # our partial file does not fit the remote one: start over
                     raise _Retryable("server refused to resume; restarting") from None
-                raise DownloadError(f"{url}: HTTP {e.code} {e.reason}; check the URL "
-                                    "(or --mirror / --captions)") from None
+                raise DownloadError(f"{url}: HTTP {e.code} {e.reason}; "
+                                    + self._advise("check the URL (or --mirror / --captions)")) from None
             ctype = resp.headers.get("Content-Type", "")
             if src.drive and ctype.startswith("text/html"):
                 with resp:
@@ -213,6 +223,24 @@ class _Http:
             # urllib returns b"" when the peer closes early instead of raising: compare with the length.
             if length is not None and got < length:
                 raise _Retryable(f"connection closed after {offset + got} of {offset + length} bytes")
+
+
+def fetch_file(url: str, dest: Path, cfg: DownloadConfig, report: Reporter = Reporter(),
+               advice: str | None = None) -> None:
+    """Download `url` to `dest` with the client's timeouts, retries and resume.
+
+    The bytes go to `dest.part`, which a later call resumes after a failure or a kill, and become
+    `dest` by a rename only once complete: `dest` is never half a file. Only the network settings of
+    `cfg` are used. `advice` ends the error messages (what to do instead; None: the dataset's).
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    with _Http(cfg, report, advice) as net:
+        net.fetch(Source("file", dest.name, url), part)
+    with open(part, "rb") as f:  # on disk before the rename makes it the real file
+        os.fsync(f.fileno())
+    os.replace(part, dest)
+    fsync_dir(dest.parent)
 
 
 class _FormParser(html.parser.HTMLParser):

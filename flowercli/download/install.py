@@ -30,6 +30,7 @@ from flowercli.download.validation import _IMAGE_RE, validate
 from flowercli.errors import DataError, FlowerError
 from flowercli.report import Reporter
 
+
 def download(cfg: DownloadConfig, report: Reporter = Reporter()) -> dict:
     """Make `<data_dir>/oxford102/` a complete, verified dataset; return its manifest.
 

