@@ -124,12 +124,12 @@ def read_caption_set(layout: DataLayout) -> dict[str, str]:
     """
     import json
 
+    from flowercli.download.manifest import manifest_caption_set
+
     try:
-        manifest = json.loads(layout.manifest.read_text(encoding="utf-8"))
-        rec = manifest.get("captions") or {}
-        if not rec:  # manifests written before the caption set was recorded
-            src = manifest["sources"]["captions"]
-            rec = {"archive": os.path.basename(src["file"]), "sha256": src["sha256"]}
+        rec = manifest_caption_set(json.loads(layout.manifest.read_text(encoding="utf-8")))
+        if not rec.get("archive") or not rec.get("sha256"):
+            return {}
         return {"captions_archive": str(rec["archive"]), "captions_sha256": str(rec["sha256"])}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}

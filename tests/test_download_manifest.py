@@ -61,3 +61,22 @@ def test_another_copy_of_the_same_mirror_is_not_extracted_again(sources_dir, tmp
     assert after == before
     # and now it is the plain fast path for that mirror
     assert dl.download(cfg(data, mirror=str(other)))["status"] == "verified"
+
+
+def test_one_caption_set_reading_for_the_summary_and_the_later_stages(tmp_path):
+    """`download`'s summary and `data.read_caption_set` (embed, train, eval) read a manifest the same way."""
+    from flowercli.data import read_caption_set
+
+    layout = DataLayout(tmp_path)
+    layout.dataset.mkdir(parents=True)
+    source = {"file": ".downloads/reed.tgz", "location": "/mirror/reed.tgz", "sha256": "a" * 64}
+    for manifest in ({"sources": {"captions": source}, "captions": {"archive": "reed.tgz", "sha256": "a" * 64}},
+                     {"sources": {"captions": source}}):  # written before the caption set was recorded
+        layout.manifest.write_text(json.dumps(manifest))
+        assert dl.summary(manifest, layout)["caption_set"] == {"archive": "reed.tgz", "sha256": "a" * 64}
+        assert read_caption_set(layout) == {"captions_archive": "reed.tgz", "captions_sha256": "a" * 64}
+    for unknown in ({"sources": {"captions": {"file": ".downloads/reed.tgz"}}}, {"sources": []}, ["not a manifest"]):
+        layout.manifest.write_text(json.dumps(unknown))
+        assert read_caption_set(layout) == {}
+    layout.manifest.unlink()
+    assert read_caption_set(layout) == {}

@@ -27,6 +27,13 @@ def caption_set(record: dict) -> dict:
     return {"archive": name, "sha256": record.get("sha256")}
 
 
+def manifest_caption_set(manifest: dict) -> dict:
+    """caption_set of an installed dataset: recorded in its manifest, or (manifests written before it
+    was recorded) derived from the manifest's captions source. The one reading `summary` and
+    `data.read_caption_set` share."""
+    return manifest.get("captions") or caption_set(manifest.get("sources", {}).get("captions", {}))
+
+
 def summary(manifest: dict, layout: DataLayout) -> dict:
     """The few facts a user or a script wants after `download` (what the CLI prints)."""
     counts = manifest.get("counts", {})
@@ -38,7 +45,7 @@ def summary(manifest: dict, layout: DataLayout) -> dict:
         "captions": counts.get("captions"),
         "images_with_fewer_than_10_captions": counts.get("images_with_fewer_than_10_captions"),
         "sources": {role: rec.get("location") for role, rec in manifest.get("sources", {}).items()},
-        "caption_set": manifest.get("captions") or caption_set(manifest.get("sources", {}).get("captions", {})),
+        "caption_set": manifest_caption_set(manifest),
         "split_files": [f"{s}classes.txt" for s in manifest.get("split_files", SPLIT_FILES)],
     }
 
