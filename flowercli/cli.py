@@ -6,20 +6,24 @@ Heavy libraries (torch, transformers, h5py) are imported inside the commands so 
 
 from __future__ import annotations
 
-import functools
-import json
-import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
 
 from flowercli import __version__
-from flowercli.config import DATA_DIR_ENV, RUNS_DIR_ENV, default_data_dir, default_runs_dir
-from flowercli.errors import FlowerError, Interrupted
-from flowercli.report import Reporter, Task
+from flowercli.cliutil import (
+    DataDirOpt,
+    QuietOpt,
+    RichReporter,
+    RunsDirOpt,
+    VerboseOpt,
+    emit_json,
+    handle_errors,
+)
+from flowercli.cliutil import run_and_checkpoint as _run_and_checkpoint  # the name the commands use
+from flowercli.config import DATA_DIR_ENV, default_data_dir, default_runs_dir
 
 app = typer.Typer(
     name="flowercli",
@@ -31,103 +35,6 @@ app = typer.Typer(
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared machinery: error handling, output, progress.
-
-
-class RichReporter(Reporter):
-    """Renders library progress on stderr: bars on a terminal, plain lines otherwise."""
-
-    def __init__(self, quiet: bool = False, verbose: bool = False, console: Console | None = None):
-        self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
-        self.quiet = quiet
-        self.verbose = verbose
-
-    def info(self, message: str) -> None:
-        if not self.quiet:
-            self.console.print(message, markup=False)
-
-    def debug(self, message: str) -> None:
-        if self.verbose and not self.quiet:
-            self.console.print(message, markup=False, style="dim")
-
-    def warn(self, message: str) -> None:
-        # Warnings show even with --quiet: they are about the result the user gets.
-        self.console.print(f"Warning: {message}", markup=False, style="yellow")
-
-    @contextmanager
-    def task(self, description: str, total: int | None = None) -> Iterator[Task]:
-        if self.quiet or not self.console.is_terminal:
-            yield Task()
-            return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
-            console=self.console,
-            transient=True,
-        ) as progress:
-            tid = progress.add_task(description, total=total, info="")
-
-            class _RichTask(Task):
-                def advance(self, n: int = 1) -> None:
-                    progress.advance(tid, n)
-
-                def update(self, **fields: object) -> None:
-                    text = " ".join(
-                        f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items()
-                    )
-                    progress.update(tid, info=text)
-
-            yield _RichTask()
-
-
-def handle_errors(fn: Callable) -> Callable:
-    """Turn user-facing errors into one line on stderr and a stable exit code, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except FlowerError as e:
-            err = Console(stderr=True, highlight=False, soft_wrap=True)
-            # A signal-stopped run saved its work: not an error, but still a non-zero exit.
-            prefix = "Stopped" if isinstance(e, Interrupted) else "Error"
-            err.print(f"{prefix}: {e}", markup=False, style="red")
-            raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
-            Console(stderr=True).print("Interrupted.", markup=False)
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
-def emit_json(obj: object) -> None:
-    """One JSON document per line on stdout, for scripts."""
-    sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
-    sys.stdout.flush()
-
-
-DataDirOpt = typer.Option(
-    None, "--data-dir", "-d", envvar=DATA_DIR_ENV, help="Data directory [default: ./data]."
-)
-RunsDirOpt = typer.Option(None, "--runs-dir", envvar=RUNS_DIR_ENV, help="Runs directory [default: ./runs].")
-QuietOpt = typer.Option(False, "--quiet", "-q", help="Print only results and errors.")
-VerboseOpt = typer.Option(False, "--verbose", "-v", help="Print more detail.")
 
 
 def _version_callback(value: bool) -> None:
@@ -268,50 +175,52 @@ def embed_cmd(
 # --- end embed --------------------------------------------------------------------------------
 
 # --- train ------------------------------------------------------------------------------------
-@app.command()
+from flowercli.config import TrainConfig, settable_fields  # noqa: E402  (stdlib only: cheap)
+
+_TRAIN = TrainConfig()  # the defaults; None below means "not given": the recipe's, or the run's on --resume
+
+
+@app.command(
+    # The flags that moved behind --set (cliutil.MOVED_TRAIN_FLAGS) reach the command as extra words.
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    epilog="--set fields: " + ", ".join(settable_fields()) + ".",
+)
 @handle_errors
 def train(
+    ctx: typer.Context,
     data_dir: Optional[Path] = DataDirOpt,
     runs_dir: Optional[Path] = RunsDirOpt,
-    run: Optional[str] = typer.Option(None, "--run", "--name", help="Run name (a folder under the runs dir) [default: a timestamp]. "
-                                      "Under torchrun write --name: torchrun takes --run for its own --run-path."),
+    run: Optional[str] = typer.Option(None, "--run", "--name", help="Run name (a folder under the runs dir) "
+                                      "[default: a timestamp]. Under torchrun write --name: torchrun takes --run."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run from its newest readable checkpoint; "
                                 "start it if it has none yet (one command line for start and restarts)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", "-e", min=1, help="Epochs in total (also when resuming) [default: 1]."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=0, help="Stop after this many steps in total."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=2, help="Images per step [default: 64]."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Generator learning rate [recipe default]."),
-    lr_d: Optional[float] = typer.Option(None, "--lr-d", help="Discriminator learning rate (TTUR) [recipe default]."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed: the same seed repeats a CPU run exactly [default: 0]."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda [default: auto]."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="auto, fp32 or bf16 autocast [default: auto]."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=0, help="CPU threads for torch (0 = one per core) [default: 0]."),
-    recipe: str = typer.Option("modern", "--recipe", help="modern (default) or reference (the original design)."),
-    split: Optional[str] = typer.Option(None, "--split", help="classes, images, all or auto (classes when split files exist)."),
-    embeddings: Optional[Path] = typer.Option(None, "--embeddings", help="HDF5 from `flowercli embed` [default: newest in <data>/embeddings]."),
+    recipe: str = typer.Option(_TRAIN.recipe, "--recipe", help="modern or reference (the original design)."),
+    embeddings: Optional[Path] = typer.Option(
+        None, "--embeddings", help="HDF5 from `flowercli embed` [default: newest in <data>/embeddings]."),
     encoder: Optional[str] = typer.Option(None, "--encoder", help="Pick <data>/embeddings/<encoder>.h5 (e.g. minilm)."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Training resolution, a power of two [default: 64]."),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", min=1, help="Steps between checkpoints (and every epoch end) [default: 500]."),
-    keep: Optional[int] = typer.Option(None, "--keep", min=1, help="Step checkpoints to keep [default: 3]."),
-    sample_every: Optional[int] = typer.Option(None, "--sample-every", min=1, help="Epochs between sample grids [default: 1]."),
-    cond_aug: Optional[bool] = typer.Option(None, "--cond-aug/--no-cond-aug", help="Conditioning augmentation + KL term."),
-    loss: Optional[str] = typer.Option(None, "--loss", help="bce or hinge."),
-    spectral_norm: Optional[bool] = typer.Option(None, "--spectral-norm/--no-spectral-norm", help="Spectral normalisation in D."),
-    d_head: Optional[str] = typer.Option(None, "--d-head", help="aux (class head), projection, both or none."),
-    aux_weight: Optional[float] = typer.Option(None, "--aux-weight", help="Weight of the class head's cross-entropy (--d-head aux or both) [default: 1]."),
-    ma_gp: Optional[float] = typer.Option(None, "--ma-gp", help="Weight of the matching-aware gradient penalty (0 = off)."),
-    diffaug: Optional[str] = typer.Option(None, "--diffaug", help='DiffAugment policy, e.g. "color,translation,cutout" ("" = off).'),
-    ema: Optional[float] = typer.Option(None, "--ema", help="EMA decay of the generator used for samples (0 = off)."),
-    gan_int: Optional[float] = typer.Option(None, "--gan-int", help="Weight of the GAN-INT term on interpolated captions (0 = off)."),
-    mode_seek: Optional[float] = typer.Option(None, "--mode-seek", help="Weight of the mode-seeking term that makes G use its noise (0 = off)."),
-    contrastive: Optional[float] = typer.Option(None, "--contrastive", help="Weight of the image-caption contrastive term in D and G (0 = off)."),
-    cond_bn: Optional[bool] = typer.Option(None, "--cond-bn/--no-cond-bn", help="Text at every generator layer (conditional BatchNorm)."),
-    text_proj: Optional[bool] = typer.Option(None, "--text-proj/--no-text-proj", help="Caption projection term in D's logit."),
-    g_channels: Optional[int] = typer.Option(None, "--g-channels", min=4, help="Generator width [recipe default: modern 32, reference 64]."),
-    d_channels: Optional[int] = typer.Option(None, "--d-channels", min=4, help="Discriminator width [recipe default: modern 32, reference 64]."),
+    split: Optional[str] = typer.Option(None, "--split", help="classes, images, all or auto (classes when split "
+                                        f"files exist) [default: {_TRAIN.split}]."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", "-e", min=1,
+                                         help=f"Epochs in total (also when resuming) [default: {_TRAIN.epochs}]."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=0, help="Stop after this many steps in total."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=2,
+                                             help=f"Images per step [default: {_TRAIN.batch_size}]."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Generator learning rate [default: the recipe's]."),
+    lr_d: Optional[float] = typer.Option(None, "--lr-d", help="Discriminator learning rate [default: the recipe's]."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0,
+                                       help=f"The same seed repeats a CPU run exactly [default: {_TRAIN.seed}]."),
+    device: Optional[str] = typer.Option(None, "--device", help=f"auto, cpu or cuda [default: {_TRAIN.device}]."),
+    precision: Optional[str] = typer.Option(None, "--precision",
+                                            help=f"auto, fp32 or bf16 autocast [default: {_TRAIN.precision}]."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=0,
+                                          help=f"CPU threads for torch, 0 = one per core [default: {_TRAIN.threads}]."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", min=1, help="Steps between checkpoints "
+                                                   f"(and every epoch end) [default: {_TRAIN.checkpoint_every}]."),
+    keep: Optional[int] = typer.Option(None, "--keep", min=1, help=f"Step checkpoints kept [default: {_TRAIN.keep}]."),
     set_: Optional[List[str]] = typer.Option(None, "--set", metavar="FIELD=VALUE",
-                                             help="Set any training field (beta1=0.5) or model field (model.noise_layers=concat), "
-                                             "parsed by its type; repeatable; wins over the recipe and the other flags."),
+                                             help="Any other training field (beta1=0.5) or model field "
+                                             "(model.cond_bn=false), parsed by its type; repeatable; wins over the "
+                                             "recipe and the flags. The fields are listed below."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
@@ -321,6 +230,7 @@ def train(
     Writes <runs>/<run>/ with config.json, log.jsonl, samples/epoch-NNNN.png (fixed prompts and
     noise, so progress is visible) and checkpoints/. Ctrl-C saves a checkpoint and exits (130);
     --resume continues exactly where the run stopped. Under torchrun it trains data-parallel.
+    Every other setting of the recipe and the model is a --set field (TrainConfig, ModelConfig).
 
     Examples:
 
@@ -330,34 +240,32 @@ def train(
 
         flowercli train --recipe reference --run baseline --epochs 5
 
+        flowercli train --run wide --set g_channels=64 --set d_channels=64
+
         flowercli train --run noisy --set model.noise_layers=concat --set model.mbstd_group=4 --set beta1=0.5
 
         torchrun --nproc_per_node 2 -m flowercli train --name ddp --epochs 10
     """
     from flowercli import train as train_mod
+    from flowercli.cliutil import MOVED_TRAIN_FLAGS, moved_flags_as_set
+    from flowercli.config import DataLayout, parse_set
 
+    reporter = RichReporter(quiet=quiet, verbose=verbose)
     given = {k: v for k, v in dict(
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr_g=lr, lr_d=lr_d, seed=seed, device=device,
-        precision=precision, threads=threads, split=split, image_size=image_size, checkpoint_every=checkpoint_every, keep=keep,
-        sample_every=sample_every, cond_aug=cond_aug, loss=loss, spectral_norm=spectral_norm, d_head=d_head,
-        aux_weight=aux_weight, ma_gp=ma_gp, diffaug=diffaug, ema=ema, gan_int=gan_int, g_channels=g_channels, d_channels=d_channels,
-        cond_bn=cond_bn, text_proj=text_proj, mode_seek=mode_seek, contrastive=contrastive,
+        precision=precision, threads=threads, split=split, checkpoint_every=checkpoint_every, keep=keep,
     ).items() if v is not None}
-    from flowercli.config import parse_set
-
     try:
-        given.update(parse_set(set_ or []))
+        given.update(parse_set(moved_flags_as_set(ctx, MOVED_TRAIN_FLAGS, reporter) + (set_ or [])))
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="'--set'") from None
     data_dir = data_dir or default_data_dir()
     runs_dir = runs_dir or default_runs_dir()
     if embeddings is None and encoder is not None:
-        from flowercli.config import DataLayout
-
         embeddings = DataLayout(data_dir).embeddings_file(encoder)
     cfg = train_mod.build_config(recipe=recipe, data_dir=data_dir, runs_dir=runs_dir, run=run, resume=resume,
                                  embeddings=embeddings, overrides=given)
-    result = train_mod.train(cfg, RichReporter(quiet=quiet, verbose=verbose))
+    result = train_mod.train(cfg, reporter)
     if not result.is_main:
         return
     if as_json:
@@ -442,116 +350,9 @@ def generate(
 # --- end generate -----------------------------------------------------------------------------
 
 # --- eval -------------------------------------------------------------------------------------
-def _eval_table(report: dict):
-    """The report as a rich table: every number beside its real-data ceiling and the N behind each."""
-    from rich import box
-    from rich.table import Table
+from flowercli.config import EvalConfig  # noqa: E402  (stdlib only: cheap)
 
-    def pct(x):
-        return "n/a" if x is None else f"{100 * x:.1f}%"
-
-    def num(x):
-        return "n/a" if x is None else f"{x:.2f}"
-
-    fid, run, acc, col = report["fid"], report["run"], report["class_accuracy"], report["colour"]
-    split = report["protocol"]["split"]
-    caps = report.get("caption_set") or {}
-    cap_data, cap_gen = caps.get("data") or {}, caps.get("generator") or {}
-    table = Table(title=f"flowercli eval: {split} split of a '{run['split_mode']}' run, {run['image_size']}px, "
-                        f"step {run.get('step')}, captions {cap_data.get('archive', 'unknown')}",
-                  title_justify="left", box=box.SIMPLE_HEAD)
-    for name, justify in (("metric", "left"), ("value", "right"), ("ceiling", "right"), ("N gen", "right"),
-                          ("N real", "right")):
-        table.add_column(name, justify=justify)
-    unseen = " unseen" if acc.get(split, {}).get("unseen_classes") else ""
-    table.add_row(f"FID ({split}{unseen})", num(fid["value"]), num(fid["ceiling"]["value"]),
-                  str(fid["n_generated"]), f"{fid['n_real']}; {fid['ceiling']['n_a']}+{fid['ceiling']['n_b']}")
-    diversity_rows, diversity_caption = _diversity_rows(report.get("diversity"), num)
-    for row in diversity_rows:
-        table.add_row(*row)
-    for name in ("test", "train"):
-        if name not in acc:
-            continue
-        a = acc[name]
-        what = name + (" unseen" if a.get("unseen_classes") else "")
-        for k in ("top1", "top5"):
-            table.add_row(f"class {k[:3]}-{k[3:]} ({what})", pct(a[k]), pct(a["ceiling"][k]), str(a["n"]),
-                          str(a["ceiling"]["n"]))
-    table.add_row("colour agreement", pct(col.get("agreement")), pct(col["ceiling"]["agreement"]),
-                  str(col.get("n", 0)), f"{col['ceiling']['n_captions']} capt.")
-    sn = report.get("species_names") or {}
-    if sn.get("skipped"):
-        table.add_row("species names", "skipped", "", "0", "")
-    for group, what in (("train", "training species"), ("unseen", "unseen species")):
-        g = sn.get(group) or {}
-        for k in ("top1", "top5") if g.get("classes") else ():
-            table.add_row(f"name {k[:3]}-{k[3:]} ({what})", pct(g[k]), pct(g["ceiling"][k]), str(g["n"]),
-                          str(g["ceiling"]["n"]))
-    clf, inc = acc["classifier"], report["inception"]
-    table.caption = (f"Ceilings: FID of two disjoint halves of the real {split} images; the real-image "
-                     f"classifier on held-out real images of the same classes ({clf['classes']} classes, overall "
-                     f"top-1 {pct(clf['top1'])}); the colour rule on real images vs their own captions. "
-                     f"Inception: {inc['origin']}, sha256 {inc['sha256'][:12]}, {inc['precision']}.")
-    if sn.get("n"):
-        table.caption += (f" Species names: every class's name in {len(sn['templates'])} sentences x "
-                          f"{sn['seeds_per_template']} seeds.")
-
-    def caption_set(c: dict) -> str:
-        sha = str(c.get("sha256", "unknown"))
-        return "unknown" if sha == "unknown" else f"{c.get('archive', 'unknown')} (sha256 {sha[:12]})"
-
-    trained = ("the set the generator was trained on" if caps.get("same")
-               else f"the generator was trained on: {caption_set(cap_gen)}")
-    table.caption += f" Captions: {caption_set(cap_data)}; {trained}."
-    table.caption += diversity_caption
-    table.caption_justify = "left"
-    return table
-
-
-def _diversity_rows(div: dict | None, num: Callable) -> tuple[list[tuple[str, ...]], str]:
-    """Table rows and a caption sentence for report["diversity"] (none for reports without it)."""
-    if not div:
-        return [], ""
-    c = div["ceiling"]
-    rows = [(f"{name} (k={div['k']})", num(div[name]), num(c[name]), str(div["n_generated"]),
-             f"{div['n_real']}; {c['n_a']}+{c['n_b']}") for name in ("precision", "recall", "density", "coverage")]
-    wp = div["within_prompt"]
-    for space in ("features", "pixels") if wp["prompts"] else ():
-        s = wp[space]
-        # The spread over captions on a row of its own: a wide value column would squeeze the labels.
-        rows += [(f"within-prompt ({space})", num(s["mean"]), num(wp["ceiling"]), f"{wp['prompts']}x{wp['seeds']}",
-                  f"{wp['real_per_class']['max']}/class"),
-                 ("  10th / 90th pct.", f"{num(s['p10'])}/{num(s['p90'])}", "", "", "")]
-    return rows, (" Diversity ceilings: precision/recall/density/coverage of one real half against the other; "
-                  "within-prompt (mean over captions): the spread among one caption's images over that among "
-                  "real images of its class, 1 for real images.")
-
-
-def _run_and_checkpoint(run: Optional[str], checkpoint: Optional[Path], runs: Path, ask: str) -> tuple[Path, Path]:
-    """(run folder, checkpoint) from --run and/or --checkpoint; `ask` starts the error when neither is given.
-
-    A --checkpoint wins; its run folder is <run>/ for <run>/checkpoints/step-N.pt, the folder
-    itself for a run folder, else the file's folder (reports belong there)."""
-    from flowercli.checkpoint import find_latest_checkpoint
-    from flowercli.errors import InputError
-
-    run_dir: Optional[Path] = None
-    if run is not None:
-        run_dir = runs / run
-        if not run_dir.is_dir():
-            raise InputError(f"no run named {run!r} in {runs} (pass --runs-dir, or list the folder)")
-    if checkpoint is not None:
-        if run_dir is None:
-            if checkpoint.is_dir():
-                run_dir = checkpoint
-            elif checkpoint.parent.name == "checkpoints":
-                run_dir = checkpoint.parent.parent
-            else:
-                run_dir = checkpoint.parent
-        return run_dir, checkpoint
-    if run_dir is not None:
-        return run_dir, find_latest_checkpoint(run_dir)
-    raise InputError(f"{ask}: --run NAME or --checkpoint PATH")
+_EVAL = EvalConfig()  # the defaults: the protocol of docs/EVALUATION.md
 
 
 @app.command("eval")
@@ -561,11 +362,11 @@ def eval_(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="A checkpoint file or run folder (overrides the run's newest)."),
     runs_dir: Optional[Path] = RunsDirOpt,
     data_dir: Optional[Path] = DataDirOpt,
-    n: int = typer.Option(2048, "-n", "--n", help="Generated images for FID and class accuracy."),
-    seed: int = typer.Option(0, "--seed", help="Fixes the caption order and the noise (image i uses seed + i)."),
-    split: str = typer.Option("test", "--split", help="test (held-out: unseen classes of a 'classes' run) or train."),
-    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Batch size for generation and Inception (does not change results)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    n: int = typer.Option(_EVAL.n, "-n", "--n", help="Generated images for FID and class accuracy."),
+    seed: int = typer.Option(_EVAL.seed, "--seed", help="Fixes the caption order and the noise (image i uses seed + i)."),
+    split: str = typer.Option(_EVAL.split, "--split", help="test (held-out: unseen classes of a 'classes' run) or train."),
+    batch_size: int = typer.Option(_EVAL.batch_size, "--batch-size", "-b", help="Batch size for generation and Inception (does not change results)."),
+    device: str = typer.Option(_EVAL.device, "--device", help="auto, cpu or cuda."),
     inception: Optional[Path] = typer.Option(None, "--inception", help="TorchScript FID Inception file [default: $FLOWERCLI_INCEPTION, the offline wheel, else download]."),
     sample_condition: Optional[bool] = typer.Option(
         None, "--sample-condition/--mean-condition",
@@ -593,7 +394,7 @@ def eval_(
 
         flowercli eval --run my-run --sample-condition
     """
-    from flowercli.config import EvalConfig
+    from flowercli.cliutil import eval_table
     from flowercli.generate import load_generator
     from flowercli.metrics.evaluate import evaluate
 
@@ -610,7 +411,7 @@ def eval_(
     if as_json:
         emit_json(report)
     else:
-        Console(highlight=False, soft_wrap=True).print(_eval_table(report))
+        Console(highlight=False, soft_wrap=True).print(eval_table(report))
         reporter.info(f"Report: {run_dir / 'eval' / 'report.json'}; samples: {run_dir / 'eval' / 'samples.png'}")
 
 

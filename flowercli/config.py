@@ -386,7 +386,7 @@ class EvalConfig:
     seed: int = 0
     split: str = "test"  # test | train: which side of the run's split is evaluated
     batch_size: int = 64
-    device: str = "cpu"
+    device: str = "auto"  # auto (cuda when there is one) | cpu | cuda
     inception: Path | None = None  # None: $FLOWERCLI_INCEPTION, the offline wheel, then NVIDIA's download
     precision: str = "fp32"  # fp32 | bf16 | auto (bf16 where native) for the Inception pass; fp32 = comparable FID
     allow_download: bool = True
