@@ -5,10 +5,15 @@ flowercli_version, config, step, epoch, G, D, G_ema, opt_G, opt_D, rng, encoder,
 It is written to a temporary file in the same folder, fsynced and `os.replace`d, so a kill at any
 moment leaves either the old file or the new one; `torch.load(weights_only=True)` refuses pickles
 that would run code.
+
+An export (`export_generator`) is the same dict without D, the live G and the optimisers; as
+`.safetensors` its tensors are the EMA generator's weights and every other entry is a JSON string
+in the file's metadata (see `_safetensors_bytes`), so it loads without pickle at all.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import warnings
@@ -18,7 +23,7 @@ from typing import Any
 import torch
 
 from flowercli import __version__
-from flowercli.errors import CheckpointError
+from flowercli.errors import CheckpointError, InputError
 from flowercli.fsutil import atomic_write, temp_name, write_error_text
 
 SCHEMA_VERSION = 1
@@ -40,6 +45,21 @@ def save_checkpoint(state: dict[str, Any], folder: Path, keep: int) -> Path:
     return path
 
 
+# What an export may be written as: the output's suffix decides, and says so to anyone who sees the file.
+EXPORT_FORMATS = {".safetensors": "safetensors", ".pt": "pt"}
+# Non-tensor entries of an export, each stored as JSON in a .safetensors file's metadata.
+_EXPORT_ENTRIES = ("schema_version", "flowercli_version", "config", "step", "epoch", "encoder", "data", "meta")
+
+
+def export_format(dst: Path) -> str:
+    """The export format named by the suffix of `dst`: "safetensors" or "pt" (anything else: InputError)."""
+    fmt = EXPORT_FORMATS.get(Path(dst).suffix.lower())
+    if fmt is None:
+        raise InputError(f"cannot tell the export format from {Path(dst).name!r}: name the file *.safetensors "
+                         "(weights and metadata, loads without pickle) or *.pt (a torch file)")
+    return fmt
+
+
 def export_generator(src: Path, dst: Path, meta: dict[str, Any] | None = None, half: bool = True) -> Path:
     """Write only what generation needs (the EMA generator, config, encoder, data) to `dst`.
 
@@ -48,21 +68,118 @@ def export_generator(src: Path, dst: Path, meta: dict[str, Any] | None = None, h
     `eval` and `--checkpoint` read it unchanged; it cannot be resumed. With `half`, weights are
     stored as float16 (loaded back as float32); small tensors (biases, normalisation statistics,
     the text mean/std) stay float32: they cost nothing and are the ones rounding would hurt.
+    `dst` ending in .safetensors gets that format, .pt a torch file (`export_format`). An export is
+    made to be shared, so it carries file names, not the paths of this machine (`strip_paths`).
+    `src` may itself be an export (converting .pt to .safetensors changes no weight).
     """
+    fmt = export_format(dst)
     state = load_checkpoint(src)
     weights = {k: v.half() if half and v.is_floating_point() and v.numel() >= 1024 else v
                for k, v in state["G_ema"].items()}
+    old_meta = state.get("meta", {})
     out = {"schema_version": SCHEMA_VERSION, "flowercli_version": __version__,
            **{k: state[k] for k in ("config", "step", "epoch", "encoder", "data") if k in state},
            "G_ema": weights,
-           "meta": {**state.get("meta", {}), "exported_from": Path(src).name, "dtype": "float16" if half else "float32",
-                    **(meta or {})}}
+           "meta": {**old_meta, "exported_from": old_meta.get("exported_from") or Path(src).name,
+                    "dtype": "float16" if half else "float32", **(meta or {})}}
+    out = strip_paths(out)
     dst = Path(dst)
     try:
-        atomic_write(dst, lambda f: torch.save(out, f))
+        if fmt == "safetensors":
+            data = _safetensors_bytes(out)
+            atomic_write(dst, lambda f: f.write(data))
+        else:
+            atomic_write(dst, lambda f: torch.save(out, f))
     except OSError as e:
         raise CheckpointError(f"could not write {dst}: {write_error_text(e)}; choose another file or folder") from None
     return dst
+
+
+# Entries that name files of the machine a checkpoint was made on, as (section, key) of the state.
+_PATH_ENTRIES = (("config", "data_dir"), ("config", "runs_dir"), ("config", "embeddings"), ("data", "data_dir"),
+                 ("data", "embeddings"), ("encoder", "path"), ("encoder", "encoder_path"))
+_REPORT_PATHS = (("run", "checkpoint"), ("run", "data_dir"), ("run", "embeddings"), ("inception", "path"))
+
+
+def strip_paths(state: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a checkpoint state whose recorded paths are reduced to file names.
+
+    Data directories are dropped (`eval` then uses --data-dir or the default); embeddings keep
+    their file name, which is how `eval` finds them under a data directory anyway. The encoder
+    id is left as recorded: `generate` needs it to embed prompts (a local folder stays a path).
+    """
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in state.items()}
+
+    def reduce(section: dict[str, Any], key: str) -> None:
+        value = section.get(key)
+        if isinstance(value, str) and value and Path(value).is_absolute():
+            if key in ("data_dir", "runs_dir"):
+                section.pop(key)
+            else:
+                section[key] = Path(value).name
+
+    for name, key in _PATH_ENTRIES:
+        if isinstance(out.get(name), dict):
+            reduce(out[name], key)
+    report = (out.get("meta") or {}).get("eval")
+    if isinstance(report, dict):
+        report = {k: dict(v) if isinstance(v, dict) else v for k, v in report.items()}
+        for name, key in _REPORT_PATHS:
+            if isinstance(report.get(name), dict):
+                reduce(report[name], key)
+        out["meta"] = {**out["meta"], "eval": report}
+    return out
+
+
+def _safetensors_bytes(state: dict[str, Any]) -> bytes:
+    """An export as .safetensors: the G_ema tensors, the other entries as JSON strings in the metadata.
+
+    The format has no checksum of its own; `weights_sha256` (of the tensor bytes after the header)
+    stands in for the CRC32s a torch zip carries, so bit rot is an error, not wrong numbers.
+    """
+    import json
+
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().contiguous() for k, v in state["G_ema"].items()}
+    metadata = {"format": "pt", **{k: json.dumps(state[k], sort_keys=True) for k in _EXPORT_ENTRIES if k in state}}
+    first = save(tensors, metadata)
+    # The tensor bytes do not depend on the metadata (offsets count from the end of the header).
+    metadata["weights_sha256"] = hashlib.sha256(first[8 + int.from_bytes(first[:8], "little"):]).hexdigest()
+    return save(tensors, metadata)
+
+
+def _is_safetensors(head: bytes) -> bool:
+    # 8 bytes of header length (the format allows at most 100 MB), then the JSON header itself.
+    return len(head) >= 9 and 0 < int.from_bytes(head[:8], "little") <= 100_000_000 and head[8:9] == b"{"
+
+
+def _load_safetensors(path: Path) -> dict[str, Any]:
+    import json
+
+    from safetensors.torch import load
+
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(data[8: 8 + n]) if len(data) >= 8 + n else {}
+        metadata = header.get("__metadata__") or {}
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        if len(data) < 8 + n + end:
+            raise CheckpointError(f"checkpoint {path} is damaged or incomplete (truncated? {len(data):,} bytes, its "
+                                  f"header describes {8 + n + end:,}); export it again or use another checkpoint")
+        expected = metadata.get("weights_sha256")
+        if expected and hashlib.sha256(data[8 + n:]).hexdigest() != expected:
+            raise CheckpointError(f"checkpoint {path} is corrupt: its weights do not match the sha256 recorded in it "
+                                  "(damaged on disk or in a copy); export it again")
+        state: dict[str, Any] = {k: json.loads(metadata[k]) for k in _EXPORT_ENTRIES if k in metadata}
+        state["G_ema"] = load(data)
+    except CheckpointError:
+        raise
+    except Exception as e:  # a cut-off file, a header that is not JSON, tensors past the end
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a flowercli export: {reason}") from None
+    return state
 
 
 def _link_latest(path: Path) -> None:
@@ -99,6 +216,25 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): it was never written completely; "
                               "use an earlier checkpoint")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if _is_safetensors(head):
+        state = _load_safetensors(path)
+        state["G_ema"] = {k: v.to(map_location) for k, v in state.get("G_ema", {}).items()}
+    else:
+        state = _load_torch(path, map_location)
+    if not isinstance(state, dict) or "G_ema" not in state or "config" not in state:
+        raise CheckpointError(f"{path} is not a flowercli checkpoint (no generator weights or config inside); "
+                              "pass a file written by flowercli train")
+    if state.get("schema_version") != SCHEMA_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has schema version {state.get('schema_version')}, this flowercli reads {SCHEMA_VERSION}; "
+            "use the flowercli version that wrote it, or train again"
+        )
+    return state
+
+
+def _load_torch(path: Path, map_location: str | torch.device) -> Any:
     _check_crc(path)
     try:
         with warnings.catch_warnings():  # torch's notes ("pickle protocol 5 ...") would break the one line
@@ -109,14 +245,6 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             reason = "it contains Python objects that are not plain weights (refused for safety)"
         raise CheckpointError(f"checkpoint {path} is corrupt or not a flowercli checkpoint: {reason[:200]}") from None
-    if not isinstance(state, dict) or "G_ema" not in state or "config" not in state:
-        raise CheckpointError(f"{path} is not a flowercli checkpoint (no generator weights or config inside); "
-                              "pass a file written by flowercli train")
-    if state.get("schema_version") != SCHEMA_VERSION:
-        raise CheckpointError(
-            f"checkpoint {path} has schema version {state.get('schema_version')}, this flowercli reads {SCHEMA_VERSION}; "
-            "use the flowercli version that wrote it, or train again"
-        )
     return state
 
 

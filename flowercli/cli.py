@@ -285,7 +285,7 @@ def generate(
     prompts: Optional[List[str]] = typer.Argument(None, help="One or more sentences describing a flower."),
     n: int = typer.Option(16, "-n", "--n", help="Images per prompt."),
     out: Path = typer.Option(Path("out"), "--out", "-o", help="Output folder."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint file or run folder [default: newest run, else the packaged model]."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint file (.pt or .safetensors) or run folder [default: newest run, else the packaged model]."),
     runs_dir: Optional[Path] = RunsDirOpt,
     seed: int = typer.Option(0, "--seed", help="Seed of the first image; image k uses seed + k."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="A text file with one prompt per line."),
@@ -421,12 +421,13 @@ def eval_(
 @app.command()
 @handle_errors
 def export(
-    out: Path = typer.Argument(..., help="The file to write, e.g. my-flowers.pt."),
+    out: Path = typer.Argument(..., help="The file to write; its suffix picks the format: NAME.safetensors (weights, metadata as JSON strings; loads without pickle) or NAME.pt (a torch file)."),
     run: Optional[str] = typer.Option(None, "--run", "-r", help="Run name under --runs-dir; its newest checkpoint is exported."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="A checkpoint file (overrides --run)."),
     runs_dir: Optional[Path] = RunsDirOpt,
     fp32: bool = typer.Option(False, "--fp32", help="Keep float32 weights (default: float16, half the size)."),
-    as_json: bool = typer.Option(False, "--json", help="Print path, size, source checkpoint and whether an eval report was included, as JSON."),
+    card: bool = typer.Option(True, "--card/--no-card", help="Write the model card NAME.md beside the file (Hugging Face layout; upload it as README.md)."),
+    as_json: bool = typer.Option(False, "--json", help="Print path, size, card, source checkpoint and whether an eval report was included, as JSON."),
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
@@ -435,17 +436,23 @@ def export(
     A training checkpoint also carries the discriminator and optimiser state (about 25 times the
     size). The exported file works everywhere a checkpoint does (--checkpoint); it records the
     encoder, the training config and, when <run>/eval/report.json belongs to that checkpoint,
-    its evaluation figures. It cannot be resumed.
+    its evaluation figures; paths of this machine are reduced to file names. It cannot be
+    resumed. Beside it goes its model card, NAME.md: what the model is, its training data and
+    recipe, budget, evaluation figures with their ceilings, intended use and limits.
 
     Examples:
 
-        flowercli export my-flowers.pt --run my-run
+        flowercli export my-flowers.safetensors --run my-run
 
-        flowercli generate "pink petals" --checkpoint my-flowers.pt
+        flowercli export my-flowers.pt --run my-run --no-card
+
+        flowercli generate "pink petals" --checkpoint my-flowers.safetensors
     """
     import json as _json
 
-    from flowercli.checkpoint import export_generator
+    from flowercli.checkpoint import export_format, export_generator
+    from flowercli.errors import InputError
+    from flowercli.modelcard import write_model_card
 
     # --checkpoint overrides --run here (the run is not even looked up).
     run_dir, checkpoint = _run_and_checkpoint(None if checkpoint else run, checkpoint, runs_dir or default_runs_dir(),
@@ -462,15 +469,22 @@ def export(
     path = export_generator(checkpoint, out, meta, half=not fp32)
     size = path.stat().st_size
     RichReporter(quiet=quiet, verbose=verbose).info(
-        f"Exported {checkpoint} ({size / 2**20:.1f} MiB{', with its eval report' if 'eval' in meta else ''})")
+        f"Exported {checkpoint} ({size / 2**20:.1f} MiB{', with its eval report' if 'eval' in meta else ''})"
+        + (f"; model card {card_path}" if card_path else ""))
     if as_json:
-        emit_json({"path": str(path), "bytes": size, "checkpoint": str(checkpoint), "eval": "eval" in meta})
+        emit_json({"path": str(path), "bytes": size, "card": str(card_path) if card_path else None,
+                   "checkpoint": str(checkpoint), "eval": "eval" in meta})
     else:
         typer.echo(str(path))
 
 
 # --- end export -------------------------------------------------------------------------------
+    try:
+        export_format(out)
+    except InputError as e:
+        raise typer.BadParameter(str(e), param_hint="'OUT'") from None
 
 
 def main() -> None:
     app()
+    card_path = write_model_card(path) if card else None
