@@ -30,7 +30,8 @@ from flowercli.config import DATA_DIR_ENV, RUNS_DIR_ENV, DataLayout
 
 runner = CliRunner()
 ON_LINUX = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
-TINY = ["--image-size", "16", "--g-channels", "8", "--d-channels", "8", "--batch-size", "4", "--max-steps", "1"]
+TINY = ["--set", "image_size=16", "--set", "g_channels=8", "--set", "d_channels=8",
+        "--batch-size", "4", "--max-steps", "1"]
 # An error line must tell the user what to do: one of these verbs (or Typer's "Try ... --help").
 ADVICE = re.compile(r"\b(run|use|give|pick|choose|pass|add|train|delete|describe|wait|check|make|free|start|"
                     r"move|put|restore|install|fix|remove|try|resume|download|must|needs|save)\b", re.I)
@@ -318,14 +319,21 @@ ROWS: dict[str, Row] = {
     "train: --embeddings garbage": Row(lambda c: _corrupt_h5(c, "garbage"), 1, ("corrupt or truncated", ".h5")),
     "train: corrupt image": Row(_corrupt_image, 1, ("image_00001.jpg is corrupt",)),
     "train: --recipe nope": Row(lambda c: train_args(c, c.fx("embedded_dir"), "--recipe", "nope"), 1, ("unknown recipe",)),
-    "train: --loss nope": Row(lambda c: train_args(c, c.fx("embedded_dir"), "--loss", "nope"), 1, ("'nope'",)),
-    "train: --d-head nope": Row(lambda c: train_args(c, c.fx("embedded_dir"), "--d-head", "nope"), 1, ("'nope'",)),
-    "train: --aux-weight -1": Row(lambda c: train_args(c, c.fx("embedded_dir"), "--aux-weight", "-1"), 1, ("--aux-weight",)),
-    "train: --mode-seek -1": Row(lambda c: train_args(c, c.fx("embedded_dir"), "--mode-seek", "-1"), 1, ("--mode-seek",)),
-    "train: --contrastive -1": Row(lambda c: train_args(c, c.fx("embedded_dir"), "--contrastive", "-1"), 1, ("--contrastive",)),
-    "train: --diffaug nope": Row(lambda c: train_args(c, c.fx("embedded_dir"), "--diffaug", "nope"), 1, ("nope",)),
-    "train: --image-size 48": Row(lambda c: train_args(c, c.fx("embedded_dir"), "--image-size", "48"), 1,
-                                  ("48", "power of two")),
+    # Values --set refuses while parsing are usage errors (2); the others are refused before the run starts (1).
+    "train: model.loss=nope": Row(
+        lambda c: train_args(c, c.fx("embedded_dir"), "--set", "model.loss=nope"), 2, ("'nope'",)),
+    "train: model.d_head=nope": Row(
+        lambda c: train_args(c, c.fx("embedded_dir"), "--set", "model.d_head=nope"), 2, ("'nope'",)),
+    "train: model.aux_weight=-1": Row(
+        lambda c: train_args(c, c.fx("embedded_dir"), "--set", "model.aux_weight=-1"), 1, ("--aux-weight",)),
+    "train: model.mode_seek=-1": Row(
+        lambda c: train_args(c, c.fx("embedded_dir"), "--set", "model.mode_seek=-1"), 1, ("--mode-seek",)),
+    "train: model.contrastive=-1": Row(
+        lambda c: train_args(c, c.fx("embedded_dir"), "--set", "model.contrastive=-1"), 1, ("--contrastive",)),
+    "train: model.diffaug=nope": Row(
+        lambda c: train_args(c, c.fx("embedded_dir"), "--set", "model.diffaug=nope"), 1, ("nope",)),
+    "train: model.image_size=48": Row(
+        lambda c: train_args(c, c.fx("embedded_dir"), "--set", "model.image_size=48"), 1, ("48", "power of two")),
     "train: --device nonsense": Row(lambda c: train_args(c, c.fx("embedded_dir"), "--device", "nonsense"), 1,
                                     ("unknown device",)),
     "train: --precision nonsense": Row(lambda c: train_args(c, c.fx("embedded_dir"), "--precision", "fp8"), 1,
@@ -340,7 +348,8 @@ ROWS: dict[str, Row] = {
         ("never-trained has no checkpoint yet: starting it from step 0",),
         check=lambda c: (c.tmp / "runs" / "never-trained" / "checkpoints" / "step-0000001.pt").is_file()),
     "train: --resume of an unstarted run with other settings": Row(
-        lambda c: _resume_unstarted_run(c, "--g-channels", "16"), 1, ("model.g_channels differs: 8 vs 16", "config.json"),
+        lambda c: _resume_unstarted_run(c, "--set", "g_channels=16"), 1,
+        ("model.g_channels differs: 8 vs 16", "config.json"),
         leaves=("runs/r/.lock",)),  # the lock file every run folder gets
     "train: --data-dir is a file": Row(lambda c: train_args(c, c.file("afile", "x")), 1,
                                        ("afile is a file, not a folder", "--data-dir")),

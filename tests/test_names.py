@@ -254,8 +254,8 @@ def test_bad_name_mix_is_refused(embedded_dir, tmp_path, value):
 
 def test_cli_set_name_mix(embedded_dir, tmp_path):
     args = ["train", "--data-dir", str(embedded_dir), "--runs-dir", str(tmp_path / "runs"), "--run", "c",
-            "--image-size", "16", "--g-channels", "8", "--d-channels", "8", "--batch-size", "4", "--max-steps", "1",
-            "--device", "cpu"]
+            "--set", "image_size=16", "--set", "g_channels=8", "--set", "d_channels=8", "--batch-size", "4",
+            "--max-steps", "1", "--device", "cpu"]
     res = runner.invoke(app, args + ["--json", "--set", "name_mix=0.25"])
     assert res.exit_code == 0, res.output
     saved = json.loads((tmp_path / "runs" / "c" / "config.json").read_text())

@@ -116,9 +116,9 @@ def test_parse_set_refuses(item, message):
 
 def test_train_cli_set_overrides_recipe_and_flags(tmp_path, embedded_dir):
     args = ["train", "--data-dir", str(embedded_dir), "--runs-dir", str(tmp_path / "runs"), "--run", "s",
-            "--image-size", "16", "--g-channels", "8", "--d-channels", "8", "--batch-size", "4", "--max-steps", "1",
-            "--lr", "1e-3", "-q", "--set", "model.noise_layers=chunks", "--set", "model.mbstd_group=2",
-            "--set", "beta1=0.5", "--set", "lr_g=2e-3", "--set", "model.mode_seek=0.1",
+            "--set", "image_size=16", "--set", "g_channels=8", "--set", "d_channels=8", "--batch-size", "4",
+            "--max-steps", "1", "--lr", "1e-3", "-q", "--set", "model.noise_layers=chunks",
+            "--set", "model.mbstd_group=2", "--set", "beta1=0.5", "--set", "lr_g=2e-3", "--set", "model.mode_seek=0.1",
             "--set", "model.mode_seek_pairs=2", "--set", "model.sample_condition=true"]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
@@ -145,7 +145,7 @@ def test_train_cli_set_usage_errors(tmp_path, embedded_dir, value, message):
 
 def test_train_cli_set_invalid_combination(tmp_path, embedded_dir):
     res = runner.invoke(app, ["train", "--data-dir", str(embedded_dir), "--runs-dir", str(tmp_path / "runs"),
-                              "--no-cond-bn", "--set", "model.noise_layers=concat"])
+                              "--set", "model.cond_bn=false", "--set", "model.noise_layers=concat"])
     assert res.exit_code == 1 and "needs conditional BatchNorm" in res.output and "Traceback" not in res.output
 
 

@@ -40,7 +40,7 @@ from flowercli.report import ListReporter
 from download_support import serve  # noqa: F401  (the fixture: a real HTTP server on 127.0.0.1)
 
 runner = CliRunner()
-TINY = ["--image-size", "16", "--g-channels", "8", "--d-channels", "8", "--batch-size", "4"]
+TINY = ["--set", "image_size=16", "--set", "g_channels=8", "--set", "d_channels=8", "--batch-size", "4"]
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")
 
 

@@ -85,7 +85,8 @@ def train_kwargs(args, data: Path, emb: Path, runs: Path, run: str, resume: bool
 
 def cli_command(args, data: Path, emb: Path, runs: Path, run: str, resume: bool, max_steps: int) -> list[str]:
     return [sys.executable, "-m", "flowercli", "train", "-d", str(data), "--embeddings", str(emb),
-            "--runs-dir", str(runs), "--run", run, "--image-size", "16", "--g-channels", "8", "--d-channels", "8",
+            "--runs-dir", str(runs), "--run", run,
+            "--set", "image_size=16", "--set", "g_channels=8", "--set", "d_channels=8",
             "--batch-size", "2", "--split", "all", "--keep", "3", "--seed", "0", "--epochs", str(10**6),
             "--max-steps", str(max_steps), "--checkpoint-every", str(args.checkpoint_every), "--device", "cpu",
             "-q", *(["--resume"] if resume else [])]
