@@ -53,6 +53,9 @@ def _root(
 
 
 # --- download ---------------------------------------------------------------------------------
+from flowercli.config import DownloadConfig  # noqa: E402  (stdlib only: cheap)
+
+
 @app.command("download")
 @handle_errors
 def download_cmd(
@@ -67,7 +70,8 @@ def download_cmd(
         "[default: a captions archive in --mirror, else Reed et al. 2016 from Google Drive].",
     ),
     data_dir: Optional[Path] = DataDirOpt,
-    force: bool = typer.Option(False, "--force", help="Extract again even when the dataset is complete."),
+    force: bool = typer.Option(DownloadConfig.force, "--force",
+                               help="Extract again even when the dataset is complete."),
     as_json: bool = typer.Option(False, "--json", help="Print a summary as one JSON line on stdout."),
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
@@ -86,7 +90,7 @@ def download_cmd(
       flowercli download --captions ~/Downloads/cvpr2016_flowers.tar.gz --force
       flowercli download --json -q
     """
-    from flowercli.config import DataLayout, DownloadConfig
+    from flowercli.config import DataLayout
     from flowercli.download import download, summary
 
     cfg = DownloadConfig(data_dir=data_dir or default_data_dir(), mirror=mirror, captions=captions, force=force)
@@ -209,7 +213,8 @@ def train(
     lr_d: Optional[float] = typer.Option(None, "--lr-d", help="Discriminator learning rate [default: the recipe's]."),
     seed: Optional[int] = typer.Option(None, "--seed", min=0,
                                        help=f"The same seed repeats a CPU run exactly [default: {_TRAIN.seed}]."),
-    device: Optional[str] = typer.Option(None, "--device", help=f"auto, cpu or cuda [default: {_TRAIN.device}]."),
+    device: Optional[str] = typer.Option(None, "--device",
+                                         help=f"auto, cpu, cuda or cuda:N [default: {_TRAIN.device}]."),
     precision: Optional[str] = typer.Option(None, "--precision",
                                             help=f"auto, fp32 or bf16 autocast [default: {_TRAIN.precision}]."),
     threads: Optional[int] = typer.Option(None, "--threads", min=0,
@@ -232,19 +237,14 @@ def train(
     --resume continues exactly where the run stopped. Under torchrun it trains data-parallel.
     Every other setting of the recipe and the model is a --set field (TrainConfig, ModelConfig).
 
+    \b
     Examples:
-
-        flowercli train --epochs 20 --run first
-
-        flowercli train --resume --run first --epochs 40
-
-        flowercli train --recipe reference --run baseline --epochs 5
-
-        flowercli train --run wide --set g_channels=64 --set d_channels=64
-
-        flowercli train --run noisy --set model.noise_layers=concat --set model.mbstd_group=4 --set beta1=0.5
-
-        torchrun --nproc_per_node 2 -m flowercli train --name ddp --epochs 10
+      flowercli train --epochs 20 --run first
+      flowercli train --resume --run first --epochs 40
+      flowercli train --recipe reference --run baseline --epochs 5
+      flowercli train --run wide --set g_channels=64 --set d_channels=64
+      flowercli train --run noisy --set model.noise_layers=concat --set model.mbstd_group=4 --set beta1=0.5
+      torchrun --nproc_per_node 2 -m flowercli train --name ddp --epochs 10
     """
     from flowercli import train as train_mod
     from flowercli.cliutil import MOVED_TRAIN_FLAGS, moved_flags_as_set
@@ -366,7 +366,7 @@ def eval_(
     seed: int = typer.Option(_EVAL.seed, "--seed", help="Fixes the caption order and the noise (image i uses seed + i)."),
     split: str = typer.Option(_EVAL.split, "--split", help="test (held-out: unseen classes of a 'classes' run) or train."),
     batch_size: int = typer.Option(_EVAL.batch_size, "--batch-size", "-b", help="Batch size for generation and Inception (does not change results)."),
-    device: str = typer.Option(_EVAL.device, "--device", help="auto, cpu or cuda."),
+    device: str = typer.Option(_EVAL.device, "--device", help="auto, cpu, cuda or cuda:N."),
     inception: Optional[Path] = typer.Option(None, "--inception", help="TorchScript FID Inception file [default: $FLOWERCLI_INCEPTION, the offline wheel, else download]."),
     sample_condition: Optional[bool] = typer.Option(
         None, "--sample-condition/--mean-condition",
@@ -384,15 +384,12 @@ def eval_(
     are written to <run>/eval/. The first call also computes and caches the real images'
     Inception features under <data>/cache/eval/ (minutes on a CPU); later calls reuse them.
 
+    \b
     Examples:
-
-        flowercli eval --run my-run
-
-        flowercli eval --run my-run -n 4096 --seed 1 --json > report.json
-
-        flowercli eval --checkpoint runs/my-run/checkpoints/step-0010000.pt --split train
-
-        flowercli eval --run my-run --sample-condition
+      flowercli eval --run my-run
+      flowercli eval --run my-run -n 4096 --seed 1 --json > report.json
+      flowercli eval --checkpoint runs/my-run/checkpoints/step-0010000.pt --split train
+      flowercli eval --run my-run --sample-condition
     """
     from flowercli.cliutil import eval_table
     from flowercli.generate import load_generator
