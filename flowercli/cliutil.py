@@ -11,9 +11,9 @@ import functools
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -120,7 +120,7 @@ QuietOpt = typer.Option(False, "--quiet", "-q", help="Print only results and err
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Print more detail.")
 
 
-def run_and_checkpoint(run: Optional[str], checkpoint: Optional[Path], runs: Path, ask: str) -> tuple[Path, Path]:
+def run_and_checkpoint(run: str | None, checkpoint: Path | None, runs: Path, ask: str) -> tuple[Path, Path]:
     """(run folder, checkpoint file) from --run and/or --checkpoint; `ask` starts the error when neither
     is given. checkpoint.resolve_run_checkpoint does it (imported here, not above: it imports torch)."""
     from flowercli.checkpoint import resolve_run_checkpoint
