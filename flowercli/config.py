@@ -227,7 +227,7 @@ class TrainConfig:
     beta2: float = 0.999
     ema: float = 0.999  # decay of the EMA generator used for samples and generation (0 = copy G)
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto | fp32 | bf16 (autocast)
     channels_last: bool = True
     adam: str = "auto"  # Adam implementation: auto | forloop | foreach | fused (same update, other rounding)
@@ -275,9 +275,8 @@ SET_EXCLUDED = {
 SET_CHOICES = {
     "model.noise_layers": NOISE_LAYERS, "model.loss": ("bce", "hinge"),
     "model.d_head": ("aux", "projection", "both", "none"), "split": ("auto", "classes", "images", "all"),
-    "device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16"),
-    "adam": ("auto", "forloop", "foreach", "fused"),
-}
+    "precision": ("auto", "fp32", "bf16"), "adam": ("auto", "forloop", "foreach", "fused"),
+}  # not device: cuda:N has no fixed list; device.resolve_device checks it when the run starts
 # Smallest sensible integers (the flags' own limits): below them the loop divides by zero or loops forever.
 SET_MINIMUM = {
     "epochs": 1, "max_steps": 0, "batch_size": 2, "seed": 0, "threads": 0, "checkpoint_every": 1, "keep": 1,

@@ -134,22 +134,6 @@ def resolve_encoder(name: str, connect_timeout: float = 3.0) -> str:
     return _download(name)
 
 
-def resolve_device(device: str):
-    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device, with a clear error when unusable."""
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
-        return torch.device("cpu")
-    if re.fullmatch(r"cuda(:\d+)?", device):
-        if not torch.cuda.is_available():
-            raise EncoderError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU; "
-                               "use --device cpu (or auto)")
-        return torch.device(device)
-    raise InputError(f"unknown device '{device}': use auto, cpu, cuda or cuda:N")
-
-
 # ---------------------------------------------------------------------------------------------
 # The encoder.
 
@@ -208,6 +192,8 @@ class TextEncoder:
             raise InputError(f"unknown pooling '{pooling}': use one of {', '.join(POOLINGS)}")
         if max_length < 2:
             raise InputError(f"max_length must be at least 2, got {max_length}")
+        from flowercli.device import resolve_device  # imports torch: not at module level
+
         dev = resolve_device(device)
         path = path or resolve_encoder(name)
         if not (Path(path) / "config.json").is_file():
@@ -338,6 +324,8 @@ def _validate(cfg: EmbedConfig) -> None:
         raise InputError(f"unknown dtype '{cfg.dtype}': use one of {', '.join(DTYPES)}")
     if cfg.batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {cfg.batch_size}")
+    from flowercli.device import resolve_device
+
     resolve_device(cfg.device)
 
 

@@ -135,7 +135,7 @@ def test_cuda_unavailable_is_clear(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    with pytest.raises(EncoderError, match="--device cpu"):
+    with pytest.raises(InputError, match="--device cpu"):  # the one device check of every command
         embed(EmbedConfig(data_dir=tmp_path, device="cuda"))
 
 

@@ -377,11 +377,9 @@ def evaluate(cfg: EvalConfig, generator, reporter: Reporter = Reporter(), extrac
         raise DataError(f"the run's {main_name} split has {len(main_rows)} images; nothing to evaluate against")
 
     if extractor is None:
-        device = cfg.device
-        if device == "auto":
-            import torch
+        from flowercli.device import resolve_device
 
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = str(resolve_device(cfg.device))
         extractor = load_extractor(cfg.inception, layout.cache_dir, device=device, precision=cfg.precision,
                                    allow_download=cfg.allow_download, reporter=reporter)
     timings: dict[str, float] = {}

@@ -184,21 +184,17 @@ def find_inception(
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """"auto" -> "bf16" only where bf16 is native (CUDA, or a CPU oneDNN reports bf16 for);
-    emulated bf16 on an AVX2 CPU is slower than fp32 (measured, see docs/EVALUATION.md)."""
+    """"auto" -> "bf16" only on a CPU with native bf16 (device.cpu_has_native_bf16, the check training
+    uses too); emulated bf16 on an AVX2 CPU is slower than fp32 (measured, see docs/EVALUATION.md)."""
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
-    import torch
-
     if str(device).startswith("cuda"):
         return "fp32"  # TF32 off and fp32 on GPU is fast enough, and keeps FID comparable
-    try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        native = False
-    return "bf16" if native else "fp32"
+    from flowercli.device import cpu_has_native_bf16
+
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 @dataclass
