@@ -1,11 +1,15 @@
-"""Writing files so that a crash never leaves half of one under its final name."""
+"""Writing files so that a crash never leaves half of one under its final name, and the lock that
+keeps a second process out of a folder another one is writing."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 # Temp files are named ".<final name>.pid<N>.<anything>tmp", so that a later writer can tell the
@@ -151,3 +155,67 @@ def write_error_text(e: OSError) -> str:
     if e.errno in (errno.ENOTDIR, errno.EEXIST) and base is not None and not base.is_dir():
         return f"{base} is a file, not a folder"
     return os_error_text(e)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, busy: Exception) -> Iterator[None]:
+    """Hold an exclusive advisory lock (flock) on `path` for the block; raise `busy` if another
+    process holds it.
+
+    The OS drops the lock when its process dies, even by SIGKILL, so a crash never leaves a stale
+    lock to clear by hand. Where there are no locks (Windows; file systems such as some network
+    mounts that refuse flock) the block runs unlocked: refusing would stop the work everywhere
+    there, for a guard against a second process that is rarely there.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise busy from None
+        yield
+    finally:
+        os.close(fd)  # closing the only descriptor of the open file releases its lock
+
+
+def run_lock(run_dir: Path):
+    """One process per run folder: a second `train` of the same run fails at once."""
+    from flowercli.errors import FlowerError
+
+    return exclusive_lock(Path(run_dir) / ".lock", FlowerError(
+        f"run {run_dir} is in use by another flowercli process; wait for it or pick another --run"))
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag instead of stopping the process where it is: the loop checks it
+    after each step, saves a checkpoint and exits. A second signal stops it at once."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old: dict[int, object] = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # only there can handlers be set
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum:  # a second Ctrl-C: the user really wants out
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        import signal
+
+        for s, h in self._old.items():
+            signal.signal(s, h)

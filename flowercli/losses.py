@@ -1,4 +1,5 @@
-"""The GAN objective as pure functions of tensors, plus DiffAugment and the EMA update."""
+"""The GAN objective: its terms as pure functions of tensors, and `Objective`, which evaluates D and G
+on a batch and sums the terms a ModelConfig turns on; plus DiffAugment and the EMA update."""
 
 from __future__ import annotations
 
@@ -181,3 +182,129 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 def ema_decay(step: int, decay: float) -> float:
     """Ramp the decay up from 0 so early EMA samples are not stuck at the initialisation."""
     return min(decay, (1.0 + step) / (10.0 + step))
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective: the terms above, weighted and summed as one ModelConfig asks.
+
+
+class Objective:
+    """D's loss and G's loss on one batch, each the weighted sum of its terms (as stylegan2-ada's loss).
+
+    D: the adversarial loss on (real image, caption) vs (other image, caption) and (G's image,
+    caption), plus the contrastive term, the class head's cross-entropy and MA-GP when they are on.
+    G: the adversarial loss on its images, plus the contrastive term, the class head, the KL term of
+    conditioning augmentation, GAN-INT and mode seeking when they are on.
+
+    Every random draw comes from the step's generator `g`, always in the same order, so a step
+    repeats exactly. Each method returns (loss, diagnostics): the detached values the training log
+    records besides the two losses.
+    """
+
+    def __init__(self, cfg, one_d_forward: bool = True):
+        self.cfg = cfg  # a ModelConfig
+        # One D forward over [real; mismatched; fake] instead of three: the same numbers when D has
+        # no BatchNorm (which would mix the statistics of the three parts), and faster.
+        self.one_d_forward = one_d_forward
+
+    def d_loss(self, D, b, fake: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """D's loss on batch `b` (a traindata.Batch) and G's images `fake` of its captions."""
+        m, x, text, labels = self.cfg, b.x, b.text, b.labels
+        real_in = diff_augment(x, m.diffaug, g)
+        wrong_in = diff_augment(x[b.wrong], m.diffaug, g)
+        fake_in = diff_augment(fake.detach(), m.diffaug, g)  # D's step does not reach G
+        if m.ma_gp:  # the penalty is D's gradient with respect to these inputs
+            real_in = real_in.detach().requires_grad_(True)
+            text_d = text.detach().requires_grad_(True)
+        else:
+            text_d = text
+        ctr = bool(m.contrastive)
+        outs, classes, emb_real = self._d_three(D, real_in, wrong_in, fake_in, text_d, text, labels, ctr)
+        out_real, out_wrong, out_fake = outs
+        cls_real, cls_wrong, cls_fake = classes
+        loss = d_adversarial(out_real.float(), out_wrong.float(), out_fake.float(), m.loss, b.wrong_mask)
+        stats = {}
+        if ctr:
+            # Real images only: D learns which caption goes with which image, G is then held to it.
+            c = contrastive(*emb_real, labels)
+            stats["contrastive_d"] = c.detach()
+            loss = loss + m.contrastive * c
+        if cls_real is not None:
+            # A head that only ever learns the real images, or one that G satisfies long before its
+            # images look real, is how the aux head collapses: both accuracies are logged.
+            stats["cls_acc_real"] = (cls_real.detach().argmax(1) == labels).float().mean()
+            stats["cls_acc_fake"] = (cls_fake.detach().argmax(1) == labels).float().mean()
+            # Every image D sees is of a known class: its own, or the caption's for G's.
+            loss = loss + m.aux_weight * (
+                F.cross_entropy(cls_real.float(), labels)
+                + 0.5 * F.cross_entropy(cls_wrong.float(), labels[b.wrong])
+                + 0.5 * F.cross_entropy(cls_fake.float(), labels))
+        if m.ma_gp:
+            loss = loss + m.ma_gp * matching_aware_gp(out_real.float(), real_in, text_d)
+        return loss, stats
+
+    def _d_three(self, D, real_in, wrong_in, fake_in, text_d, text, labels, ctr: bool):
+        """D's (logits, class logits, real images' contrastive vectors) for the real, mismatched and fake parts."""
+        if self.one_d_forward:
+            out, cls, *emb = D(torch.cat([real_in, wrong_in, fake_in]), torch.cat([text_d, text, text]),
+                               labels.repeat(3), embed=ctr, parts=3)
+            classes = cls.float().chunk(3) if cls is not None else (None, None, None)
+            return out.float().chunk(3), classes, tuple(e[:len(real_in)] for e in emb[0]) if ctr else None
+        # One spectral-norm weight (one power iteration) for the three calls, as in one forward.
+        with torch.nn.utils.parametrize.cached():
+            out_real, cls_real, *emb = D(real_in, text_d, labels, embed=ctr)
+            (out_wrong, cls_wrong), (out_fake, cls_fake) = D(wrong_in, text, labels), D(fake_in, text, labels)
+        return (out_real, out_wrong, out_fake), (cls_real, cls_wrong, cls_fake), emb[0] if ctr else None
+
+    def g_loss(self, G, D, b, fake: torch.Tensor, mu: torch.Tensor | None, logvar: torch.Tensor | None,
+               g: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """G's loss: D must call its images `fake` real (and of the caption's class). `mu`, `logvar`:
+        the condition distribution G's forward returned (None without conditioning augmentation)."""
+        m, text, labels = self.cfg, b.text, b.labels
+        ctr = bool(m.contrastive)
+        out_fake, cls_fake, *emb = D(diff_augment(fake, m.diffaug, g), text, labels, embed=ctr)
+        loss = g_adversarial(out_fake.float(), m.loss)
+        stats = {}
+        if ctr:
+            c = contrastive(*emb[0], labels)
+            stats["contrastive_g"] = c.detach()
+            loss = loss + m.contrastive * c
+        if cls_fake is not None:
+            loss = loss + m.aux_weight * F.cross_entropy(cls_fake.float(), labels)
+        if mu is not None:
+            loss = loss + m.kl_weight * kl_divergence(mu.float(), logvar.float())
+        if m.gan_int:
+            loss = loss + m.gan_int * self._gan_int(G, D, b, g)
+        if m.mode_seek:
+            ms = self._mode_seek(G, b, fake, g)
+            stats["mode_seek"] = ms.detach()
+            loss = loss + m.mode_seek * ms
+        return loss, stats
+
+    def _gan_int(self, G, D, b, g: torch.Generator) -> torch.Tensor:
+        """GAN-INT: captions halfway between two others must still give real-looking images."""
+        text_int = 0.5 * (b.text + b.text.roll(1, 0))
+        z2 = torch.randn(b.z.shape, generator=g, device=g.device).to(b.z.device)
+        eps2 = torch.randn(b.eps.shape, generator=g, device=g.device).to(b.eps.device) if b.eps is not None else None
+        fake_int = G(z2, text_int, eps2)[0]
+        out_int = D(diff_augment(fake_int, self.cfg.diffaug, g), text_int)[0]
+        return g_adversarial(out_int.float(), self.cfg.loss)
+
+    def _mode_seek(self, G, b, fake: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """The mode-seeking term on pairs of images of one caption that differ by G's noise alone."""
+        pairs = self.cfg.mode_seek_pairs
+        if pairs:
+            # The first `pairs` captions, each with two fresh noise vectors (same condition noise),
+            # in one G forward: both images of a pair share its BatchNorm statistics, so they
+            # differ by the noise alone, at 2 x pairs images of G forward per step.
+            p = min(pairs, len(b.z))
+            zp = torch.randn((2 * p, b.z.shape[1]), generator=g, device=g.device).to(b.z.device)
+            eps_p = b.eps[:p].repeat(2, 1) if b.eps is not None else None
+            fake_p = G(zp, b.text[:p].repeat(2, 1), eps_p)[0].float()
+            return mode_seeking(fake_p[:p], fake_p[p:], zp[:p], zp[p:])
+        # Half the batch again with new noise (same captions, same condition noise): half a G
+        # forward more per step instead of a whole one.
+        h = max(1, len(b.z) // 2)
+        z2 = torch.randn((h, b.z.shape[1]), generator=g, device=g.device).to(b.z.device)
+        fake2 = G(z2, b.text[:h], b.eps[:h] if b.eps is not None else None)[0]
+        return mode_seeking(fake[:h].float(), fake2.float(), b.z[:h], z2)
