@@ -20,7 +20,9 @@ import time
 
 import torch
 
-from flowercli.train import StepOptions, build_nets, make_config, resolve_adam, resolve_precision, run_step
+from flowercli.device import StepOptions, resolve_adam, resolve_precision
+from flowercli.runconfig import make_config
+from flowercli.train import build_nets, run_step
 
 from train_speed import CAPTIONS, N_CLASSES, TEXT_DIM, synthetic_data  # noqa: F401  (same data shapes)
 

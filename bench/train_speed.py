@@ -53,16 +53,10 @@ from pathlib import Path
 
 import torch
 
-from flowercli.train import (
-    StepOptions,
-    TrainData,
-    build_nets,
-    make_config,
-    resolve_adam,
-    resolve_precision,
-    resolve_threads,
-    run_step,
-)
+from flowercli.device import StepOptions, resolve_adam, resolve_precision, resolve_threads
+from flowercli.runconfig import make_config
+from flowercli.train import build_nets, run_step
+from flowercli.traindata import TrainData
 
 TEXT_DIM, N_CLASSES, CAPTIONS = 384, 82, 10
 
@@ -193,8 +187,10 @@ def count_flops(data: TrainData, batch_size: int, device: torch.device) -> int:
 
 def part_costs(data: TrainData, batch_size: int, device: torch.device, repeats: int) -> dict[str, float]:
     """Milliseconds of pieces of a step, each timed on its own (medians): what levers could gain."""
+    from flowercli.device import adam_flags
     from flowercli.losses import diff_augment, ema_update
-    from flowercli.train import adam_flags, derived_seed, make_batch, step_generator
+    from flowercli.rng import derived_seed, step_generator
+    from flowercli.traindata import make_batch
 
     v = optimised_variant(device)
     r = Runner(v, data, batch_size, device)
@@ -286,7 +282,7 @@ def main() -> None:
     if args.rss_child:
         rss_child(args.batch_size, 3)
         return
-    from flowercli.train import resolve_device
+    from flowercli.device import resolve_device
 
     device = resolve_device(args.device)
     all_variants = variants(device)

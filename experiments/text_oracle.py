@@ -59,7 +59,7 @@ def main() -> None:
     from flowercli.metrics import evaluate as ev
     from flowercli.metrics.features import load_extractor
     from flowercli.report import Reporter
-    from flowercli.train import find_embeddings
+    from flowercli.traindata import find_embeddings
 
     layout = DataLayout(Path(args.data_dir))
     path = Path(args.embeddings) if args.embeddings else find_embeddings(layout)

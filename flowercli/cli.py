@@ -249,6 +249,7 @@ def train(
     from flowercli import train as train_mod
     from flowercli.cliutil import MOVED_TRAIN_FLAGS, moved_flags_as_set
     from flowercli.config import DataLayout, parse_set
+    from flowercli.runconfig import build_config
 
     reporter = RichReporter(quiet=quiet, verbose=verbose)
     given = {k: v for k, v in dict(
@@ -263,8 +264,8 @@ def train(
     runs_dir = runs_dir or default_runs_dir()
     if embeddings is None and encoder is not None:
         embeddings = DataLayout(data_dir).embeddings_file(encoder)
-    cfg = train_mod.build_config(recipe=recipe, data_dir=data_dir, runs_dir=runs_dir, run=run, resume=resume,
-                                 embeddings=embeddings, overrides=given)
+    cfg = build_config(recipe=recipe, data_dir=data_dir, runs_dir=runs_dir, run=run, resume=resume,
+                       embeddings=embeddings, overrides=given)
     result = train_mod.train(cfg, reporter)
     if not result.is_main:
         return

@@ -40,7 +40,8 @@ ADVICE = re.compile(r"\b(run|use|give|pick|choose|pass|add|train|delete|describe
 @pytest.fixture(scope="module")
 def checkpoint(embedded_dir, tmp_path_factory) -> Path:
     """A tiny trained checkpoint (read-only by convention: rows that damage one copy it)."""
-    from flowercli.train import make_config, train
+    from flowercli.runconfig import make_config
+    from flowercli.train import train
 
     cfg = make_config("modern", data_dir=embedded_dir, runs_dir=tmp_path_factory.mktemp("bad-input-runs"), run="g",
                       image_size=16, g_channels=8, d_channels=8, cond_dim=8, batch_size=4, max_steps=1)
@@ -244,7 +245,7 @@ def _resume_unstarted_run(ctx: Ctx, *extra: str) -> list[str]:
     """A run folder a killed first start left: config.json (g_channels 8), no checkpoint."""
     run = ctx.tmp / "runs" / "r"
     run.mkdir(parents=True)
-    from flowercli.train import config_to_dict, make_config
+    from flowercli.runconfig import config_to_dict, make_config
 
     cfg = make_config("modern", data_dir=ctx.fx("embedded_dir"), runs_dir=ctx.tmp / "runs", run="r",
                       embeddings=ctx.h5(), image_size=16, g_channels=8, d_channels=8, batch_size=4, max_steps=1)

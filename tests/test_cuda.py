@@ -8,8 +8,10 @@ import torch
 from typer.testing import CliRunner
 
 from flowercli.cli import app
+from flowercli.device import resolve_precision
 from flowercli.generate import load_generator
-from flowercli.train import make_config, resolve_precision, train
+from flowercli.runconfig import make_config
+from flowercli.train import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 runner = CliRunner()

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from flowercli.cli import app
 from flowercli.errors import CheckpointError
 from flowercli.generate import load_generator
-from flowercli.train import make_config, train
+from flowercli.runconfig import make_config
+from flowercli.train import train
 
 runner = CliRunner()
 

@@ -14,7 +14,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import N_CLASSES
 from flowercli.cli import app
 from flowercli.config import DataLayout
 from flowercli.data import (
@@ -25,10 +24,16 @@ from flowercli.data import (
     read_class_names,
     write_embeddings,
 )
+from flowercli.device import StepOptions
 from flowercli.embed import TextEncoder, add_name_vectors
 from flowercli.errors import DataError, InputError
 from flowercli.report import ListReporter
-from flowercli.train import StepOptions, load_train_data, make_batch, make_config, step_generator, train
+from flowercli.rng import step_generator
+from flowercli.runconfig import make_config
+from flowercli.train import train
+from flowercli.traindata import load_train_data, make_batch
+
+from conftest import N_CLASSES
 
 runner = CliRunner()
 TINY = dict(image_size=16, g_channels=8, d_channels=8, cond_dim=8, batch_size=4, log_every=1)

@@ -14,7 +14,8 @@ from flowercli.cli import app
 from flowercli.config import parse_set
 from flowercli.errors import InputError
 from flowercli.generate import load_generator
-from flowercli.train import make_config, train, validate_config
+from flowercli.runconfig import make_config, validate_config
+from flowercli.train import train
 
 runner = CliRunner()
 TINY = dict(image_size=16, g_channels=8, d_channels=8, cond_dim=8, batch_size=4, log_every=1)

@@ -47,7 +47,8 @@ TINY = dict(image_size=16, g_channels=8, d_channels=8, batch_size=2, split="all"
 WORKER = r"""
 import json, sys
 from pathlib import Path
-from flowercli.train import make_config, train
+from flowercli.runconfig import make_config
+from flowercli.train import train
 kw = json.loads(sys.argv[1])
 for key in ("data_dir", "runs_dir", "embeddings"):
     kw[key] = Path(kw[key])

@@ -16,7 +16,9 @@ from typer.testing import CliRunner
 from flowercli.checkpoint import list_checkpoints, load_checkpoint
 from flowercli.cli import app
 from flowercli.errors import CheckpointError, FlowerError
-from flowercli.train import RunLock, make_config, train
+from flowercli.fsutil import run_lock
+from flowercli.runconfig import make_config
+from flowercli.train import train
 
 runner = CliRunner()
 TINY = dict(image_size=16, g_channels=8, d_channels=8, cond_dim=8, batch_size=4, log_every=1)
@@ -167,7 +169,7 @@ def test_resume_refuses_other_captions_or_encoder_build(tmp_path, embedded_dir):
 
 
 def test_data_differences_compare_only_what_both_sides_recorded():
-    from flowercli.train import data_differences
+    from flowercli.runconfig import data_differences
 
     old = {"encoder": "minilm", "dim": 384}  # a checkpoint from before the caption set was recorded
     now = {"encoder": "minilm", "dim": 384, "pooling": "mean", "captions_archive": "c.tgz", "captions_sha256": "f" * 64}
@@ -224,7 +226,7 @@ def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path, embedded_dir):
 def test_second_process_is_locked_out(tmp_path, embedded_dir):
     run_dir = tmp_path / "runs" / "r"
     run_dir.mkdir(parents=True)
-    with RunLock(run_dir):
+    with run_lock(run_dir):
         res = runner.invoke(app, ["train", "--data-dir", str(embedded_dir), "--runs-dir", str(tmp_path / "runs"),
                                   "--run", "r", "--max-steps", "1", "--image-size", "16"])
     assert res.exit_code == 1
