@@ -315,3 +315,39 @@ def find_newest_run(runs_dir: Path) -> Path | None:
         if ckpts and ckpts[-1].stat().st_mtime > best_time:
             best, best_time = run, ckpts[-1].stat().st_mtime
     return best
+
+
+def resolve_run_checkpoint(run: str | None, checkpoint: Path | None, runs_dir: Path, ask: str | None = None,
+                           fallback: Path | None = None) -> tuple[Path | None, Path]:
+    """(run folder, checkpoint file) from --run and --checkpoint: the one lookup of every command.
+
+    A `checkpoint` wins: a file as it is, a run folder its newest step checkpoint. Its run folder
+    (where reports belong) is `run`'s when that is named, else <run>/ for <run>/checkpoints/step-N.pt,
+    the folder itself for a run folder, else the file's folder. A `run` alone: its newest checkpoint.
+    Neither: with `ask`, an InputError starting with it; without, the run under `runs_dir` saved
+    last, else `fallback` (a packaged model; run folder None) when that file exists.
+    """
+    runs_dir = Path(runs_dir)
+    run_dir: Path | None = None
+    if run is not None:
+        run_dir = runs_dir / run
+        if not run_dir.is_dir():
+            raise InputError(f"no run named {run!r} in {runs_dir} (pass --runs-dir, or list the folder)")
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        if checkpoint.is_dir():
+            return run_dir or checkpoint, find_latest_checkpoint(checkpoint)
+        if run_dir is None:
+            run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+        return run_dir, checkpoint
+    if run_dir is not None:
+        return run_dir, find_latest_checkpoint(run_dir)
+    if ask is not None:
+        raise InputError(f"{ask}: --run NAME or --checkpoint PATH")
+    newest = find_newest_run(runs_dir)
+    if newest is not None:
+        return newest, find_latest_checkpoint(newest)
+    if fallback is not None and Path(fallback).is_file():
+        return None, Path(fallback)
+    raise CheckpointError(f"no checkpoint found under {runs_dir} and no packaged model; train one "
+                          "(flowercli train) or pass --checkpoint PATH")

@@ -15,14 +15,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from flowercli.checkpoint import find_latest_checkpoint, find_newest_run, load_checkpoint
-from flowercli.config import GenerateConfig, ModelConfig
+from flowercli.checkpoint import load_checkpoint, resolve_run_checkpoint
+from flowercli.config import GenerateConfig
+from flowercli.device import resolve_device
 from flowercli.errors import CheckpointError, EncoderError, FlowerError, InputError
 from flowercli.fsutil import check_writable_dir, write_error_text
 from flowercli.models import Generator
 from flowercli.report import Reporter
 
 MAX_IMAGES = 10_000  # per call; a typo like -n 1000000 should not fill the disk
+from flowercli.runconfig import config_from_dict
 PACKAGED = Path(__file__).parent / "pretrained" / "generator.pt"
 
 
@@ -111,32 +113,15 @@ class LoadedGenerator:
         return self.images_from_vectors(self.embed(prompts, report), seeds)
 
 
-def resolve_checkpoint(checkpoint: Path | None, runs_dir: Path) -> tuple[Path, bool]:
-    """(checkpoint path, is_packaged): the given one, else the newest run's newest, else the packaged model."""
-    if checkpoint is not None:
-        checkpoint = Path(checkpoint)
-        if checkpoint.is_dir():  # a run folder is fine too
-            return find_latest_checkpoint(checkpoint), False
-        return checkpoint, False
-    run = find_newest_run(Path(runs_dir))
-    if run is not None:
-        return find_latest_checkpoint(run), False
-    if PACKAGED.is_file():
-        return PACKAGED, True
-    raise CheckpointError(f"no checkpoint found under {runs_dir} and no packaged model; train one "
-                          "(flowercli train) or pass --checkpoint PATH")
-
-
 def load_generator(checkpoint: Path | None = None, device: str = "cpu", runs_dir: Path = Path("runs"),
                    sample_condition: bool | None = None) -> LoadedGenerator:
-    """The checkpoint's EMA generator. `sample_condition` None: the run's model.sample_condition."""
-    from flowercli.train import resolve_device
-
+    """The checkpoint's EMA generator (a file or a run folder; None: the newest run's, else the packaged
+    model). `sample_condition` None: the run's model.sample_condition."""
     dev = resolve_device(device)
-    path, _ = resolve_checkpoint(checkpoint, runs_dir)
+    _, path = resolve_run_checkpoint(None, checkpoint, runs_dir, fallback=PACKAGED)
     state = load_checkpoint(path, map_location="cpu")
     try:
-        mcfg = ModelConfig(**state["config"]["model"])
+        mcfg = config_from_dict(state["config"]).model
         G = Generator(mcfg)
         G.load_state_dict({k: v.float() for k, v in state["G_ema"].items()})
     except (TypeError, KeyError, RuntimeError) as e:
@@ -179,8 +164,8 @@ def generate(cfg: GenerateConfig, report: Reporter = Reporter()) -> list[dict[st
     # Checked now but created only when the images exist: a failure in between leaves no empty folder.
     check_writable_dir(out, f"output folder {out}", "pick another --out")
 
-    path, packaged = resolve_checkpoint(cfg.checkpoint, cfg.runs_dir)
-    if packaged:
+    run_dir, path = resolve_run_checkpoint(None, cfg.checkpoint, cfg.runs_dir, fallback=PACKAGED)
+    if run_dir is None:  # neither named nor trained: the packaged model
         report.info(f"Using the packaged pretrained generator ({path.name}); pass --checkpoint to use your own")
     gen = load_generator(path, cfg.device, sample_condition=cfg.sample_condition)
     report.debug(f"checkpoint {path}, encoder {gen.encoder_info.get('encoder')}, "
