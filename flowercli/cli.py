@@ -284,11 +284,13 @@ def train(
 @handle_errors
 def generate(
     prompts: Optional[List[str]] = typer.Argument(None, help="One or more sentences describing a flower."),
-    n: int = typer.Option(16, "-n", "--n", help="Images per prompt."),
+    n: Optional[int] = typer.Option(None, "-n", "--n", help="Images per prompt, seeds --seed, --seed + 1, ... [default: 16]."),
     out: Path = typer.Option(Path("out"), "--out", "-o", help="Output folder."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint file (.pt or .safetensors) or run folder [default: newest run, else the packaged model]."),
     runs_dir: Optional[Path] = RunsDirOpt,
-    seed: int = typer.Option(0, "--seed", help="Seed of the first image; image k uses seed + k."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the first image; image k uses seed + k [default: 0]."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="The seeds of each prompt's images, e.g. 0-15,42 (ranges inclusive); instead of --seed and -n, which it does not combine with."),
+    truncation: float = typer.Option(1.0, "--truncation", metavar="PSI", help="Scale every image's noise by PSI toward its mean (0 < PSI <= 1; 1 = off): less variety, more typical images. With --sample-condition the condition's noise too."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="A text file with one prompt per line."),
     interpolate: Optional[List[str]] = typer.Option(None, "--interpolate", help='Walk between two captions: --interpolate "A" --interpolate "B".'),
     steps: int = typer.Option(8, "--steps", help="Images along an --interpolate walk."),
@@ -297,14 +299,16 @@ def generate(
         None, "--sample-condition/--mean-condition",
         help="With a conditioning-augmentation generator: sample each image's condition from its seed (more "
         "variety per prompt) or use the caption's mean [default: what the run's model.sample_condition says, else mean]."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per image (path, prompt, seed, checkpoint)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per image (path, prompt, seed, truncation, checkpoint)."),
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
     """Generate flower images from sentences.
 
     Writes seed0000.png, seed0001.png, ... and grid.png into --out and prints the paths, one per
-    line. The prompt is embedded with the encoder the checkpoint was trained with.
+    line. The prompt is embedded with the encoder the checkpoint was trained with. An image
+    depends only on its prompt, seed and --truncation: seed 5 gives the same image with -n 8 as
+    with --seeds 5.
 
     Examples:
 
@@ -317,10 +321,25 @@ def generate(
         flowercli generate --interpolate "red petals" --interpolate "blue petals" --steps 8
 
         flowercli generate "a pink flower with many petals" -n 16 --sample-condition
+
+        flowercli generate "a red flower" --seeds 0-7,42 --truncation 0.7
     """
     from flowercli.config import GenerateConfig
     from flowercli.errors import InputError
+    from flowercli.generate import check_truncation, parse_seeds
     from flowercli.generate import generate as run_generate
+
+    seed_list = None
+    try:
+        if seeds is not None:
+            if n is not None or seed is not None:
+                raise InputError(f"--seeds: not together with {'-n' if n is not None else '--seed'} (--seeds lists "
+                                 "every image; --seed S -n N means the seeds S to S+N-1)")
+            seed_list = tuple(parse_seeds(seeds))
+        check_truncation(truncation)
+    except InputError as e:
+        raise typer.BadParameter(str(e).removeprefix("--seeds: ").removeprefix("--truncation "),
+                                 param_hint="'--truncation'" if "--truncation" in str(e) else "'--seeds'") from None
 
     all_prompts = list(prompts or [])
     if prompts_file is not None:
@@ -338,8 +357,8 @@ def generate(
             raise InputError("--interpolate takes exactly two captions: --interpolate \"A\" --interpolate \"B\"")
         pair = (interpolate[0], interpolate[1])
     cfg = GenerateConfig(prompts=tuple(all_prompts), checkpoint=checkpoint, runs_dir=runs_dir or default_runs_dir(),
-                         out=out, n=n, seed=seed, device=device, interpolate=pair, steps=steps,
-                         sample_condition=sample_condition)
+                         out=out, n=16 if n is None else n, seed=seed or 0, device=device, interpolate=pair,
+                         steps=steps, sample_condition=sample_condition, seeds=seed_list, truncation=truncation)
     records = run_generate(cfg, RichReporter(quiet=quiet, verbose=verbose))
     for r in records:
         if as_json:
@@ -481,6 +500,48 @@ def export(
         export_format(out)
     except InputError as e:
         raise typer.BadParameter(str(e), param_hint="'OUT'") from None
+
+# --- report -----------------------------------------------------------------------------------
+@app.command("report")
+@handle_errors
+def report_cmd(
+    run: str = typer.Argument(..., help="Run name under --runs-dir, or the path of a run folder."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="The PNG to write [default: <run>/report.png]."),
+    runs_dir: Optional[Path] = RunsDirOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the numbers as one JSON object instead of the summary."),
+    quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Summarise a training run and draw it: loss curves, quick FID, img/s and the newest samples in one PNG.
+
+    Reads the run's log.jsonl, config.json, checkpoints/ and samples/ (nothing is loaded or
+    trained, so it can watch a run while it trains) and prints steps, epochs, wall-clock time,
+    latest losses, the latest and best checkpoint and the caption set. The PNG needs matplotlib
+    (pip install 'flowercli[plots]'); without it the summary is still printed.
+
+    Examples:
+
+        flowercli report my-run
+
+        flowercli report runs/my-run --out my-run.png
+
+        flowercli report my-run --json | jq .quick_fid.best
+
+        watch -n 60 flowercli report my-run
+    """
+    from flowercli.config import ReportConfig
+    from flowercli.runreport import make_report, summary_lines
+
+    cfg = ReportConfig(run=run, runs_dir=runs_dir or default_runs_dir(), out=out)
+    summary = make_report(cfg, RichReporter(quiet=quiet, verbose=verbose))
+    if as_json:
+        emit_json(summary)
+    else:
+        for line in summary_lines(summary):
+            typer.echo(line)
+
+
+# --- end report -------------------------------------------------------------------------------
 
 
 def main() -> None:

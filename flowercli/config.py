@@ -372,6 +372,10 @@ class GenerateConfig:
     # Sample the conditioning-augmentation condition per image (True) or use the mean (False);
     # None: what the checkpoint's model.sample_condition says.
     sample_condition: bool | None = None
+    # The seeds of each prompt's images, instead of `n` images from `seed` on (generate.parse_seeds).
+    seeds: tuple[int, ...] | None = None
+    # Every noise vector of an image times this (the truncation trick; 0 < psi <= 1, 1 = off).
+    truncation: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 The checkpoint records which encoder made its training vectors (and how they were pooled), so a
 new prompt is embedded the same way without the user saying so. Every image has its own seed:
-image k of `--seed S` uses seed S + k, so `-n 4` gives the first four images of `-n 16`.
+image k of `--seed S` uses seed S + k, so `-n 4` gives the first four images of `-n 16`, and
+`--seeds 0-15,42` names the seeds outright. An image depends only on its prompt, its seed and the
+truncation, never on which other images are made with it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ class LoadedGenerator:
     # Conditioning augmentation at generation: False uses each caption's mean condition; True samples
     # it (as in training, and StackGAN at test time) from the image's seed, for more variety per caption.
     sample_condition: bool = False
+    # The truncation trick: every noise vector drawn for an image is scaled by this (0 < psi <= 1;
+    # 1 = off). Both are N(0, I) draws, so scaling pulls them toward their mean: z, and with a sampled
+    # condition its noise too (the condition moves toward the caption's mean, which it is at psi -> 0).
+    truncation: float = 1.0
     _encoder: Any = field(default=None, repr=False)
 
     @property
@@ -74,7 +80,10 @@ class LoadedGenerator:
                 eps.append(torch.randn(cfg.cond_dim, generator=g))
         if not zs:
             return torch.zeros(0, cfg.noise_dim), None
-        return torch.stack(zs), torch.stack(eps) if eps and self.sample_condition else None
+        z, e = torch.stack(zs), torch.stack(eps) if eps and self.sample_condition else None
+        if self.truncation != 1.0:  # per image after its draw: the batch it is in changes nothing
+            z, e = z * self.truncation, None if e is None else e * self.truncation
+        return z, e
 
     @torch.inference_mode()
     def images_from_vectors(self, vectors: np.ndarray, seeds: list[int], batch_size: int = 64) -> np.ndarray:
@@ -150,12 +159,53 @@ def check_prompts(prompts: list[str]) -> list[str]:
     return cleaned
 
 
+def parse_seeds(text: str) -> list[int]:
+    """Seeds from text such as "0-15,42" (-> 0, 1, ..., 15, 42): seeds and inclusive ranges A-B, as StyleGAN's
+    generate.py takes them. Seeds are non-negative; one given twice (its file would be written twice)
+    and lists of more than MAX_IMAGES are errors (InputError), checked before any list is built."""
+    seeds: list[int] = []
+    for part in str(text).split(","):
+        item = part.strip()
+        lo, sep, hi = item.partition("-")
+        try:
+            if not item or any(not x.strip().isdigit() for x in ((lo, hi) if sep else (lo,))):
+                raise ValueError
+            a, b = (int(lo), int(hi)) if sep else (int(lo), int(lo))
+        except ValueError:
+            raise InputError(f"--seeds: {item!r} is not a seed or a range; give non-negative integers and "
+                             "ranges separated by commas, e.g. 0-15,42") from None
+        if a > b:
+            raise InputError(f"--seeds: the range {item!r} runs backwards; write it as {b}-{a}")
+        if b >= 2**63:
+            raise InputError(f"--seeds: {b} is too large for a seed (at most {2**63 - 1})")
+        if len(seeds) + (b - a + 1) > MAX_IMAGES:
+            raise InputError(f"--seeds {text!r} asks for more than {MAX_IMAGES} images per prompt")
+        seeds += range(a, b + 1)
+    if len(set(seeds)) != len(seeds):
+        twice = next(x for i, x in enumerate(seeds) if x in seeds[:i])
+        raise InputError(f"--seeds: seed {twice} is given twice (each seed is one image file)")
+    return seeds
+
+
+def check_truncation(psi: float) -> float:
+    if not 0.0 < psi <= 1.0:  # also refuses NaN
+        raise InputError(f"--truncation must be above 0 and at most 1 (1 = off), got {psi}")
+    return float(psi)
+
+
 def generate(cfg: GenerateConfig, report: Reporter = Reporter()) -> list[dict[str, Any]]:
     """Write one PNG per (prompt, seed) and a grid.png into cfg.out; return one record per image."""
     from flowercli.images import make_grid, save_png
 
     if cfg.n < 1 or cfg.n > MAX_IMAGES:
         raise InputError(f"-n must be between 1 and {MAX_IMAGES}, got {cfg.n}")
+    check_truncation(cfg.truncation)
+    if cfg.seeds is not None and not cfg.seeds:
+        raise InputError("--seeds is empty; give seeds such as 0-15,42")
+    if cfg.seeds is not None and cfg.interpolate is not None:
+        raise InputError("--interpolate walks with one noise vector (--seed); it takes no --seeds")
+    # The images of one prompt: the listed seeds, else n from seed on.
+    per_prompt = list(cfg.seeds) if cfg.seeds is not None else [cfg.seed + k for k in range(cfg.n)]
     if cfg.interpolate is None and not cfg.prompts:
         raise InputError("give at least one prompt, e.g. flowercli generate \"this flower has yellow petals\"")
     if cfg.interpolate is not None and not 2 <= cfg.steps <= 1000:
@@ -168,6 +218,7 @@ def generate(cfg: GenerateConfig, report: Reporter = Reporter()) -> list[dict[st
     if run_dir is None:  # neither named nor trained: the packaged model
         report.info(f"Using the packaged pretrained generator ({path.name}); pass --checkpoint to use your own")
     gen = load_generator(path, cfg.device, sample_condition=cfg.sample_condition)
+    gen.truncation = cfg.truncation
     report.debug(f"checkpoint {path}, encoder {gen.encoder_info.get('encoder')}, "
                  f"condition {'sampled per image' if gen.sample_condition else 'mean'}")
 
@@ -185,13 +236,14 @@ def generate(cfg: GenerateConfig, report: Reporter = Reporter()) -> list[dict[st
     else:
         prompts_clean = check_prompts(list(cfg.prompts))
         vectors = gen.embed(prompts_clean, report)
-        seeds = [cfg.seed + k for k in range(cfg.n)] * len(prompts_clean)
-        prompts = [p for p in prompts_clean for _ in range(cfg.n)]
-        images = gen.images_from_vectors(np.repeat(vectors, cfg.n, axis=0), seeds)
+        k = len(per_prompt)
+        seeds = per_prompt * len(prompts_clean)
+        prompts = [p for p in prompts_clean for _ in range(k)]
+        images = gen.images_from_vectors(np.repeat(vectors, k, axis=0), seeds)
         many = len(prompts_clean) > 1
         names = [(f"p{j:03d}-" if many else "") + f"seed{s:04d}.png"
-                 for j in range(len(prompts_clean)) for s in seeds[: cfg.n]]
-        ncol = min(cfg.n, 8) if not many else cfg.n
+                 for j in range(len(prompts_clean)) for s in per_prompt]
+        ncol = min(k, 8) if not many else k
     grid = out / "grid.png"
     made = [p for p in (out, *out.parents) if not p.exists()]  # folders this call creates
     written: list[Path] = []
@@ -200,7 +252,8 @@ def generate(cfg: GenerateConfig, report: Reporter = Reporter()) -> list[dict[st
         for img, name, prompt, seed in zip(images, names, prompts, seeds):
             save_png(img, out / name)
             written.append(out / name)
-            records.append({"path": str(out / name), "prompt": prompt, "seed": seed, "checkpoint": str(path)})
+            records.append({"path": str(out / name), "prompt": prompt, "seed": seed, "truncation": gen.truncation,
+                            "checkpoint": str(path)})
         save_png(make_grid(images, ncol=ncol), grid)
     except BaseException as e:
         # All or nothing: a half set of images (disk full, Ctrl-C) is removed with the folders it needed.

@@ -216,6 +216,8 @@ def generated_side(generator, extractor, emb, rows: np.ndarray, n: int, order_se
     plan_rows, plan_caps = caption_plan(emb, rows, n, order_seed)
     vectors = np.asarray(emb.vectors[plan_rows, plan_caps], dtype=np.float32)
     seeds = [first_seed + i for i in range(n)]
+                     # Every noise vector scaled by this (the truncation trick; 1 = off, as `flowercli eval` runs).
+                     "truncation": float(getattr(generator, "truncation", 1.0)),
     t = time.perf_counter()
     chunk = max(batch_size, 256)
     images = []
