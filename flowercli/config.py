@@ -379,6 +379,17 @@ class GenerateConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """`flowercli report`: a run's summary and one PNG, from the files training writes."""
+
+    run: str  # a run name under runs_dir, or the path of a run folder
+    runs_dir: Path = Path("runs")
+    # None: <run>/report.png, skipped with a warning where matplotlib (the `plots` extra) is missing;
+    # a path given here is a request, and without matplotlib an error.
+    out: Path | None = None
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """The evaluation protocol of docs/EVALUATION.md; the defaults ARE the protocol."""
 
