@@ -216,8 +216,6 @@ def generated_side(generator, extractor, emb, rows: np.ndarray, n: int, order_se
     plan_rows, plan_caps = caption_plan(emb, rows, n, order_seed)
     vectors = np.asarray(emb.vectors[plan_rows, plan_caps], dtype=np.float32)
     seeds = [first_seed + i for i in range(n)]
-                     # Every noise vector scaled by this (the truncation trick; 1 = off, as `flowercli eval` runs).
-                     "truncation": float(getattr(generator, "truncation", 1.0)),
     t = time.perf_counter()
     chunk = max(batch_size, 256)
     images = []
@@ -451,6 +449,8 @@ def evaluate(cfg: EvalConfig, generator, reporter: Reporter = Reporter(), extrac
                      "seed": cfg.seed,
                      # The caption's mean condition, or one sampled from each image's seed (CA generators).
                      "condition": "sampled" if getattr(generator, "sample_condition", False) else "mean",
+                     # Every noise vector scaled by this (the truncation trick; 1 = off, as `flowercli eval` runs).
+                     "truncation": float(getattr(generator, "truncation", 1.0)),
                      "captions": int(np.asarray(emb.n_captions)[main_rows].sum()),
                      "real_images": int(len(main_rows))},
         "inception": extractor.describe(),
