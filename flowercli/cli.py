@@ -471,6 +471,10 @@ def export(
     from flowercli.errors import InputError
     from flowercli.modelcard import write_model_card
 
+    try:
+        export_format(out)
+    except InputError as e:
+        raise typer.BadParameter(str(e), param_hint="'OUT'") from None
     # --checkpoint overrides --run here (the run is not even looked up).
     run_dir, checkpoint = _run_and_checkpoint(None if checkpoint else run, checkpoint, runs_dir or default_runs_dir(),
                                               "say what to export")
@@ -484,6 +488,7 @@ def export(
         if report and Path(str(report.get("run", {}).get("checkpoint", ""))).name == checkpoint.name:
             meta["eval"] = report
     path = export_generator(checkpoint, out, meta, half=not fp32)
+    card_path = write_model_card(path) if card else None
     size = path.stat().st_size
     RichReporter(quiet=quiet, verbose=verbose).info(
         f"Exported {checkpoint} ({size / 2**20:.1f} MiB{', with its eval report' if 'eval' in meta else ''})"
@@ -496,10 +501,6 @@ def export(
 
 
 # --- end export -------------------------------------------------------------------------------
-    try:
-        export_format(out)
-    except InputError as e:
-        raise typer.BadParameter(str(e), param_hint="'OUT'") from None
 
 # --- report -----------------------------------------------------------------------------------
 @app.command("report")
@@ -546,4 +547,3 @@ def report_cmd(
 
 def main() -> None:
     app()
-    card_path = write_model_card(path) if card else None

@@ -24,9 +24,9 @@ from flowercli.errors import CheckpointError, EncoderError, FlowerError, InputEr
 from flowercli.fsutil import check_writable_dir, write_error_text
 from flowercli.models import Generator
 from flowercli.report import Reporter
+from flowercli.runconfig import config_from_dict
 
 MAX_IMAGES = 10_000  # per call; a typo like -n 1000000 should not fill the disk
-from flowercli.runconfig import config_from_dict
 PACKAGED = Path(__file__).parent / "pretrained" / "generator.pt"
 
 
