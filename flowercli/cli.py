@@ -280,21 +280,28 @@ def train(
 # --- end train --------------------------------------------------------------------------------
 
 # --- generate ---------------------------------------------------------------------------------
+from flowercli.config import GenerateConfig  # noqa: E402  (stdlib only: cheap)
+
+_GEN = GenerateConfig()  # the defaults
+
+
 @app.command()
 @handle_errors
 def generate(
     prompts: Optional[List[str]] = typer.Argument(None, help="One or more sentences describing a flower."),
-    n: Optional[int] = typer.Option(None, "-n", "--n", help="Images per prompt, seeds --seed, --seed + 1, ... [default: 16]."),
-    out: Path = typer.Option(Path("out"), "--out", "-o", help="Output folder."),
+    n: Optional[int] = typer.Option(None, "-n", "--n",
+                                    help=f"Images per prompt, seeds --seed, --seed + 1, ... [default: {_GEN.n}]."),
+    out: Path = typer.Option(_GEN.out, "--out", "-o", help="Output folder."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint file (.pt or .safetensors) or run folder [default: newest run, else the packaged model]."),
     runs_dir: Optional[Path] = RunsDirOpt,
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the first image; image k uses seed + k [default: 0]."),
+    seed: Optional[int] = typer.Option(None, "--seed",
+                                       help=f"Seed of the first image; image k uses seed + k [default: {_GEN.seed}]."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="The seeds of each prompt's images, e.g. 0-15,42 (ranges inclusive); instead of --seed and -n, which it does not combine with."),
-    truncation: float = typer.Option(1.0, "--truncation", metavar="PSI", help="Scale every image's noise by PSI toward its mean (0 < PSI <= 1; 1 = off): less variety, more typical images. With --sample-condition the condition's noise too."),
+    truncation: float = typer.Option(_GEN.truncation, "--truncation", metavar="PSI", help="Scale every image's noise by PSI toward its mean (0 < PSI <= 1; 1 = off): less variety, more typical images. With --sample-condition the condition's noise too."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="A text file with one prompt per line."),
     interpolate: Optional[List[str]] = typer.Option(None, "--interpolate", help='Walk between two captions: --interpolate "A" --interpolate "B".'),
-    steps: int = typer.Option(8, "--steps", help="Images along an --interpolate walk."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    steps: int = typer.Option(_GEN.steps, "--steps", help="Images along an --interpolate walk."),
+    device: str = typer.Option(_GEN.device, "--device", help="auto, cpu, cuda or cuda:N."),
     sample_condition: Optional[bool] = typer.Option(
         None, "--sample-condition/--mean-condition",
         help="With a conditioning-augmentation generator: sample each image's condition from its seed (more "
@@ -324,7 +331,6 @@ def generate(
 
         flowercli generate "a red flower" --seeds 0-7,42 --truncation 0.7
     """
-    from flowercli.config import GenerateConfig
     from flowercli.errors import InputError
     from flowercli.generate import check_truncation, parse_seeds
     from flowercli.generate import generate as run_generate
@@ -357,7 +363,8 @@ def generate(
             raise InputError("--interpolate takes exactly two captions: --interpolate \"A\" --interpolate \"B\"")
         pair = (interpolate[0], interpolate[1])
     cfg = GenerateConfig(prompts=tuple(all_prompts), checkpoint=checkpoint, runs_dir=runs_dir or default_runs_dir(),
-                         out=out, n=16 if n is None else n, seed=seed or 0, device=device, interpolate=pair,
+                         out=out, n=_GEN.n if n is None else n, seed=_GEN.seed if seed is None else seed,
+                         device=device, interpolate=pair,
                          steps=steps, sample_condition=sample_condition, seeds=seed_list, truncation=truncation)
     records = run_generate(cfg, RichReporter(quiet=quiet, verbose=verbose))
     for r in records:
