@@ -142,7 +142,7 @@ def load_generator(checkpoint: Path | None = None, device: str = "cpu", runs_dir
         sample_condition = mcfg.sample_condition and mcfg.cond_aug  # the run's intended default
     elif sample_condition and not mcfg.cond_aug:
         raise InputError(f"--sample-condition needs a generator trained with conditioning augmentation "
-                         f"(--cond-aug); {path} was trained without, so its condition has nothing to sample")
+                         f"(model.cond_aug); {path} was trained without, so its condition has nothing to sample")
     data = state.get("data", {})
     meta = {"split": data.get("split"), "embeddings": data.get("embeddings"), "data_dir": data.get("data_dir"),
             "classes": data.get("classes"), "encoder": state["encoder"].get("encoder"), "encoder_info": state["encoder"],

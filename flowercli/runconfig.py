@@ -70,36 +70,38 @@ def validate_config(cfg: TrainConfig) -> None:
     if cfg.batch_size < 2 or cfg.epochs < 1:
         raise InputError("--batch-size must be at least 2 and --epochs at least 1")
     if m.loss not in ("bce", "hinge"):
-        raise InputError(f"unknown --loss {m.loss!r}; use bce or hinge")
+        raise InputError(f"unknown model.loss {m.loss!r}; use bce or hinge")
     if m.d_head not in ("aux", "projection", "both", "none"):
-        raise InputError(f"unknown --d-head {m.d_head!r}; use aux, projection, both or none")
+        raise InputError(f"unknown model.d_head {m.d_head!r}; use aux, projection, both or none")
     if m.aux_weight < 0:
-        raise InputError(f"--aux-weight must be 0 or more, got {m.aux_weight}")
+        raise InputError(f"model.aux_weight must be 0 or more, got {m.aux_weight}")
     if m.mode_seek < 0:
-        raise InputError(f"--mode-seek must be 0 or more, got {m.mode_seek}")
+        raise InputError(f"model.mode_seek must be 0 or more, got {m.mode_seek}")
     if m.contrastive < 0:
-        raise InputError(f"--contrastive must be 0 or more, got {m.contrastive}")
+        raise InputError(f"model.contrastive must be 0 or more, got {m.contrastive}")
     if m.noise_layers not in NOISE_LAYERS:
         raise InputError(f"unknown model.noise_layers {m.noise_layers!r}; use {', '.join(NOISE_LAYERS)}")
     if m.noise_layers != "none" and not m.cond_bn:
-        raise InputError(f"model.noise_layers={m.noise_layers} needs conditional BatchNorm (--cond-bn): the noise "
+        raise InputError(f"model.noise_layers={m.noise_layers} needs conditional BatchNorm (model.cond_bn): the noise "
                          "joins the condition there")
     if m.mbstd_group < 0 or m.mode_seek_pairs < 0:
         raise InputError("model.mbstd_group and model.mode_seek_pairs must be 0 (off) or more")
     if m.mode_seek_pairs and not m.mode_seek:
         raise InputError("model.mode_seek_pairs sets where the mode-seeking term is computed; give it a weight "
-                         "too (--mode-seek, e.g. 0.1)")
+                         "too (model.mode_seek, e.g. 0.1)")
     if m.mode_seek_pairs > cfg.batch_size:
         raise InputError(f"model.mode_seek_pairs ({m.mode_seek_pairs}) takes that many captions of the batch; "
                          f"use at most --batch-size ({cfg.batch_size})")
     if m.sample_condition and not m.cond_aug:
-        raise InputError("model.sample_condition samples the conditioning-augmentation condition; it needs --cond-aug")
+        raise InputError("model.sample_condition samples the conditioning-augmentation condition; "
+                         "it needs model.cond_aug")
     unknown = [p for p in m.diffaug.split(",") if p.strip() and p.strip() not in DIFFAUG_NAMES]
     if unknown:
-        raise InputError(f"unknown --diffaug part {unknown[0]!r}; use a comma list of {', '.join(DIFFAUG_NAMES)} "
+        raise InputError(f"unknown model.diffaug part {unknown[0]!r}; use a comma list of {', '.join(DIFFAUG_NAMES)} "
                          "or \"\"")
     if m.image_size < 16 or m.image_size & (m.image_size - 1):
-        raise InputError(f"--image-size must be a power of two of at least 16 (16, 32, 64, 128), got {m.image_size}")
+        raise InputError(f"model.image_size must be a power of two of at least 16 (16, 32, 64, 128), "
+                         f"got {m.image_size}")
     if m.noise_layers == "chunks":
         try:
             noise_chunks(m)
@@ -120,7 +122,7 @@ def config_from_dict(d: dict[str, Any]) -> TrainConfig:
     """The inverse of config_to_dict. Raises TypeError/KeyError on data of another shape."""
     d = dict(d)
     model = ModelConfig(**d.pop("model"))
-    for key in ("data_dir", "runs_dir", "embeddings"):
+    for key in ("data_dir", "runs_dir", "embeddings", "inception"):
         if d.get(key) is not None:
             d[key] = Path(d[key])
     return TrainConfig(model=model, **d)

@@ -71,7 +71,7 @@ def test_switches_are_validated():
     refused("noise_dim must be at least 4.*raise model.noise_dim", noise_layers="chunks", noise_dim=3)
     refused("give it a weight", mode_seek_pairs=4)
     refused("at most --batch-size", mode_seek=0.1, mode_seek_pairs=9, batch_size=8)
-    refused("needs --cond-aug", sample_condition=True, cond_aug=False)
+    refused("needs model.cond_aug", sample_condition=True, cond_aug=False)
     refused("0 \\(off\\) or more", mbstd_group=-1)
     validate_config(make_config("modern", noise_layers="chunks", noise_dim=4, mbstd_group=4, mode_seek=0.1,
                                 mode_seek_pairs=8, batch_size=8, sample_condition=True))

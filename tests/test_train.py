@@ -180,8 +180,9 @@ def test_data_differences_compare_only_what_both_sides_recorded():
 
 def test_resume_starts_a_run_without_checkpoints_then_continues_it(tmp_path, embedded_dir):
     """Start-or-continue: one command line for the first start and every restart (job scripts, requeues)."""
-    args = ["train", "-d", str(embedded_dir), "--runs-dir", str(tmp_path / "runs"), "--run", "job", "--image-size", "16",
-            "--g-channels", "8", "--d-channels", "8", "--batch-size", "4", "--checkpoint-every", "1", "--resume"]
+    args = ["train", "-d", str(embedded_dir), "--runs-dir", str(tmp_path / "runs"), "--run", "job",
+            "--set", "image_size=16", "--set", "g_channels=8", "--set", "d_channels=8", "--batch-size", "4",
+            "--checkpoint-every", "1", "--resume"]
     first = runner.invoke(app, args + ["--max-steps", "1"])
     assert first.exit_code == 0, first.output
     assert f"Warning: run {tmp_path / 'runs' / 'job'} has no checkpoint yet: starting it from step 0" in first.stderr
@@ -228,7 +229,7 @@ def test_second_process_is_locked_out(tmp_path, embedded_dir):
     run_dir.mkdir(parents=True)
     with run_lock(run_dir):
         res = runner.invoke(app, ["train", "--data-dir", str(embedded_dir), "--runs-dir", str(tmp_path / "runs"),
-                                  "--run", "r", "--max-steps", "1", "--image-size", "16"])
+                                  "--run", "r", "--max-steps", "1", "--set", "image_size=16"])
     assert res.exit_code == 1
     assert "in use by another flowercli process" in res.output
     assert not (run_dir / "checkpoints").exists()
