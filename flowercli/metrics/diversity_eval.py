@@ -21,6 +21,7 @@ from flowercli.config import EvalConfig
 from flowercli.errors import InputError
 from flowercli.metrics.diversity import mean_pairwise_distance, pixels, spread, within_prompt_ratios
 from flowercli.metrics.fid import disjoint_halves
+from flowercli.metrics.generated import caption_plan
 from flowercli.metrics.prdc import prdc
 from flowercli.report import Reporter
 
@@ -71,8 +72,6 @@ def within_prompt_section(cfg: EvalConfig, generator, extractor, emb, rows: np.n
                           labels: np.ndarray, first_seed: int, load_real: Callable[[np.ndarray], np.ndarray],
                           reporter: Reporter, timings: dict[str, float]) -> dict[str, Any]:
     """K generated images for each of P captions vs K real images of its class, in features and pixels."""
-    from flowercli.metrics.evaluate import caption_plan
-
     K = cfg.diversity_seeds
     n_captions = int(np.asarray(emb.n_captions)[rows].sum())
     P = min(cfg.diversity_prompts, n_captions)  # distinct captions only: a repeated one adds no information

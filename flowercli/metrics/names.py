@@ -3,7 +3,7 @@
 Training captions describe petals and colours and almost never name the species, yet people
 type names. This module holds the fixed sentences a name is put into, the (prompt, class) plan
 for a set of classes, and the top-k accuracy of a classifier's predictions split into the
-species the run trained on and the species it never saw. Pure numpy; `evaluate` generates the
+species the run trained on and the species it never saw. Pure numpy; `generated` generates the
 images and classifies them.
 """
 
