@@ -23,7 +23,6 @@ import pytest
 
 from flowercli.config import DataLayout, DownloadConfig
 
-
 # ---------------------------------------------------------------------------------------------
 # Helpers
 
@@ -143,7 +142,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("ETag", '"%s"' % hashlib.md5(data).hexdigest())
+        self.send_header("ETag", f'"{hashlib.md5(data).hexdigest()}"')
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         self.end_headers()

@@ -19,8 +19,16 @@ from flowercli.config import ArchiveLimits, DownloadConfig
 from flowercli.download import archive as archive_mod
 from flowercli.errors import DataError
 
-from download_support import (captions_members, cfg, copy_sources, dataset_files, leftovers, one_line_error,
-                              write_archive, write_sums)
+from download_support import (
+    captions_members,
+    cfg,
+    copy_sources,
+    dataset_files,
+    leftovers,
+    one_line_error,
+    write_archive,
+    write_sums,
+)
 
 runner = CliRunner()
 

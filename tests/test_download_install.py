@@ -20,8 +20,15 @@ from flowercli.errors import DataError
 from flowercli.report import ListReporter
 
 from conftest import N_CLASSES, N_IMAGES, image_label, sha256
-from download_support import (captions_members, cfg, copy_sources, dataset_files, leftovers, one_line_error,
-                              write_archive)
+from download_support import (
+    captions_members,
+    cfg,
+    copy_sources,
+    dataset_files,
+    leftovers,
+    one_line_error,
+    write_archive,
+)
 
 runner = CliRunner()
 
@@ -69,7 +76,8 @@ def test_cli_summary_and_json(sources_dir, tmp_path):
 def test_help_has_examples():
     r = runner.invoke(app, ["download", "--help"])
     assert r.exit_code == 0
-    for text in ("Examples:", "flowercli download --mirror", "--captions", "--data-dir", "--force", "--json", "--quiet"):
+    for text in ("Examples:", "flowercli download --mirror", "--captions", "--data-dir", "--force", "--json",
+                 "--quiet"):
         assert text in r.stdout, text
 
 
@@ -80,7 +88,8 @@ def test_help_has_examples():
 def test_captions_archive_without_text_c10(sources_dir, tmp_path):
     members = [(n, d) for n, d in captions_members(sources_dir) if not n.startswith("text_c10")]
     caps = write_archive(tmp_path / "caps.tgz", members)
-    r = runner.invoke(app, ["download", "--mirror", str(sources_dir), "--captions", str(caps), "-d", str(tmp_path / "d")])
+    r = runner.invoke(app, ["download", "--mirror", str(sources_dir), "--captions", str(caps),
+                            "-d", str(tmp_path / "d")])
     err = one_line_error(r)
     assert "holds no text_c10/" in err and "--captions" in err
     assert not (tmp_path / "d" / "oxford102").exists()
@@ -88,7 +97,8 @@ def test_captions_archive_without_text_c10(sources_dir, tmp_path):
 
 @pytest.mark.parametrize("drop, missing", [
     ({"testclasses.txt"}, r"has no testclasses\.txt"),
-    ({"trainvalclasses.txt", "valclasses.txt"}, r"has no trainvalclasses\.txt \(or trainclasses\.txt \+ valclasses\.txt\)"),
+    ({"trainvalclasses.txt", "valclasses.txt"},
+     r"has no trainvalclasses\.txt \(or trainclasses\.txt \+ valclasses\.txt\)"),
 ])
 def test_captions_archive_missing_a_split_file(sources_dir, tmp_path, drop, missing):
     members = [(n, d) for n, d in captions_members(sources_dir) if n not in drop]

@@ -23,9 +23,19 @@ from flowercli.download.archive import safe_extract
 from flowercli.download.http import fetch_file
 from flowercli.download.install import download
 from flowercli.download.manifest import MANIFEST_SCHEMA, caption_set, summary
-from flowercli.download.sources import (CAPTIONS_CANDIDATES, CAPTIONS_DRIVE_ID, CAPTIONS_NAME, DRIVE_DOWNLOAD_URL,
-                                        OFFICIAL_BASE_URL, OFFICIAL_CLASSES, OFFICIAL_IMAGES, OFFICIAL_MD5, ROLES,
-                                        Source, resolve_sources)
+from flowercli.download.sources import (
+    CAPTIONS_CANDIDATES,
+    CAPTIONS_DRIVE_ID,
+    CAPTIONS_NAME,
+    DRIVE_DOWNLOAD_URL,
+    OFFICIAL_BASE_URL,
+    OFFICIAL_CLASSES,
+    OFFICIAL_IMAGES,
+    OFFICIAL_MD5,
+    ROLES,
+    Source,
+    resolve_sources,
+)
 from flowercli.download.validation import validate
 
 __all__ = [

@@ -15,8 +15,9 @@ import stat
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO
 
 from flowercli.config import IMAGES_LIMITS, ArchiveLimits
 from flowercli.errors import DataError
@@ -243,10 +244,12 @@ def safe_extract(archive: Path, dest: Path, *, select: Callable[[str], bool] | N
                         total += size
                     else:
                         # The declared size can lie (zip bombs): count what actually comes out.
+                        # The lambda runs inside _write_member, in this iteration: `name` and `total`
+                        # are this member's.
                         limit = min(limits.member_bytes, max_total - total)
                         total += _write_member(open_member, path, limit,
-                                               lambda n: too_big(name) if n > limits.member_bytes
-                                               else too_much(total + n, name))
+                                               lambda n: too_big(name) if n > limits.member_bytes  # noqa: B023
+                                               else too_much(total + n, name))  # noqa: B023
                 except (FileExistsError, NotADirectoryError, IsADirectoryError):
                     raise refuse("clashes with another member (a file and a folder of the same name)", name) from None
                 written.append(rel)
@@ -260,7 +263,8 @@ def safe_extract(archive: Path, dest: Path, *, select: Callable[[str], bool] | N
             for rel in written:
                 dest.joinpath(*rel.split("/")).unlink(missing_ok=True)
         if isinstance(e, _Corrupt):
-            raise DataError(f"{archive.name} is corrupt or not a tar/zip archive ({e}); check where it came from") from None
+            raise DataError(f"{archive.name} is corrupt or not a tar/zip archive ({e}); "
+                            "check where it came from") from None
         raise
     return written
 

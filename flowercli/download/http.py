@@ -18,8 +18,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from flowercli import __version__
 from flowercli.config import DownloadConfig
@@ -46,7 +46,7 @@ class _Http:
         self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.cookies))
         self.opener.addheaders = [("User-Agent", f"flowercli/{__version__} (+urllib)")]
 
-    def __enter__(self) -> "_Http":
+    def __enter__(self) -> _Http:
         return self
 
     def __exit__(self, *exc: object) -> None:

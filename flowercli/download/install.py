@@ -14,17 +14,16 @@ import posixpath
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from flowercli import __version__
 from flowercli.config import SPLIT_FILES, DataLayout, DownloadConfig, missing_split_files
 from flowercli.download.archive import safe_extract
 from flowercli.download.fetch import _ensure_archive
 from flowercli.download.http import _Http
-from flowercli.download.manifest import (MANIFEST_SCHEMA, _read_manifest, _same_archives, _verify_existing,
-                                         caption_set)
+from flowercli.download.manifest import MANIFEST_SCHEMA, _read_manifest, _same_archives, _verify_existing, caption_set
 from flowercli.download.sources import CAPTIONS_NAME, _request, resolve_sources
 from flowercli.download.validation import _IMAGE_RE, validate
 from flowercli.errors import DataError, FlowerError
@@ -232,7 +231,8 @@ def _os_error_message(e: OSError, root: Path) -> str:
 
         blocker = nearest_existing(Path(where))
         return f"cannot write {where}: {blocker} is a file, not a folder; choose another --data-dir"
-    if e.errno == errno.ENOENT and e.filename and Path(os.path.abspath(e.filename)).is_relative_to(os.path.abspath(root)):
+    if (e.errno == errno.ENOENT and e.filename
+            and Path(os.path.abspath(e.filename)).is_relative_to(os.path.abspath(root))):
         from flowercli.fsutil import write_error_text
 
         return f"cannot create {where}: {write_error_text(e)}; choose another --data-dir"

@@ -59,7 +59,7 @@ class Source:
         return _is_url(self.location)
 
 
-def resolve_sources(cfg: DownloadConfig, net: "_Http", report: Reporter = Reporter()) -> list[Source]:
+def resolve_sources(cfg: DownloadConfig, net: _Http, report: Reporter = Reporter()) -> list[Source]:
     """Where each of the four archives comes from and the checksum it must match."""
     if cfg.mirror is not None and not cfg.mirror.strip():
         raise InputError("--mirror is empty; give a folder or a base URL holding 102flowers.tgz, "
@@ -99,7 +99,7 @@ def resolve_sources(cfg: DownloadConfig, net: "_Http", report: Reporter = Report
 
 
 def _captions_source(cfg: DownloadConfig, mirror: str | None, sums: dict[str, str] | None,
-                     net: "_Http", report: Reporter) -> Source:
+                     net: _Http, report: Reporter) -> Source:
     if cfg.captions:
         location = _normalise_location(cfg.captions)
         drive_id = _drive_file_id(location)
@@ -138,7 +138,7 @@ def _captions_source(cfg: DownloadConfig, mirror: str | None, sums: dict[str, st
                     f"similar names); pass one with --captions PATH|URL{hint}")
 
 
-def _read_sums(mirror: str, net: "_Http") -> dict[str, str] | None:
+def _read_sums(mirror: str, net: _Http) -> dict[str, str] | None:
     location = _join(mirror, "SHA256SUMS")
     if _is_url(location):
         data = net.get_small(location)
