@@ -17,12 +17,23 @@ import torch
 from flowercli.errors import FlowerError, InputError
 from flowercli.metrics import cache, colour
 from flowercli.metrics.accuracy import accuracy_report, stratified_holdout, train_classifier
-from flowercli.metrics.features import (FID_SIZE, InceptionError, find_inception, load_extractor,
-                                        packaged_inception, resize_bilinear_tf1, tf1_resize_matrix)
-from flowercli.metrics.fid import (disjoint_halves, feature_stats, fid_from_features, frechet_distance,
-                                   frechet_distance_fast)
+from flowercli.metrics.features import (
+    FID_SIZE,
+    InceptionError,
+    find_inception,
+    load_extractor,
+    packaged_inception,
+    resize_bilinear_tf1,
+    tf1_resize_matrix,
+)
+from flowercli.metrics.fid import (
+    disjoint_halves,
+    feature_stats,
+    fid_from_features,
+    frechet_distance,
+    frechet_distance_fast,
+)
 from flowercli.report import ListReporter
-
 
 # ---------------------------------------------------------------------------------------------
 # Stand-in networks, scripted and saved like the real one.

@@ -34,7 +34,7 @@ class LinearClassifier:
                 "classes": self.classes}
 
     @classmethod
-    def from_arrays(cls, arrays) -> "LinearClassifier":
+    def from_arrays(cls, arrays) -> LinearClassifier:
         return cls(**{k: np.asarray(arrays[k]) for k in ("mean", "scale", "weight", "bias", "classes")})
 
 

@@ -12,7 +12,7 @@ inside a prompt, which FID and class accuracy cannot see when the one image is a
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

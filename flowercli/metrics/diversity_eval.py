@@ -13,7 +13,8 @@ evaluate.py, which calls `check` and `diversity_report`.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

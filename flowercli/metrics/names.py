@@ -9,7 +9,8 @@ images and classifies them.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -40,7 +41,8 @@ def name_plan(class_names: Sequence[str], classes: Sequence[int], seeds: int,
     unnamed = [c for c in classes if not 1 <= c <= len(class_names) or not str(class_names[c - 1]).strip()]
     if unnamed:
         raise DataError(f"classnames.txt names {len(class_names)} classes; class {unnamed[0]} has no name")
-    rows = [(name_caption(t, class_names[c - 1]), c, k) for c in classes for k, t in enumerate(templates) for _ in range(seeds)]
+    rows = [(name_caption(t, class_names[c - 1]), c, k)
+            for c in classes for k, t in enumerate(templates) for _ in range(seeds)]
     return NamePlan([p for p, _, _ in rows], np.array([c for _, c, _ in rows], np.int64),
                     np.array([k for _, _, k in rows], np.int64))
 

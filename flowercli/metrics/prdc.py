@@ -17,7 +17,7 @@ points of 2,048-d need a few tens of MB and seconds on a CPU. No scikit-learn.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
