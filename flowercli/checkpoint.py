@@ -146,7 +146,22 @@ def _safetensors_bytes(state: dict[str, Any]) -> bytes:
     first = save(tensors, metadata)
     # The tensor bytes do not depend on the metadata (offsets count from the end of the header).
     metadata["weights_sha256"] = hashlib.sha256(first[8 + int.from_bytes(first[:8], "little"):]).hexdigest()
-    return save(tensors, metadata)
+    return _sorted_header(save(tensors, metadata))
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """The same file with its header's keys in a fixed order: safetensors writes them in hash-map
+    order, so the same export would differ in bytes from one run to the next."""
+    import json
+
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8: 8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered = {**({"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}),
+               **dict(sorted(header.items(), key=lambda kv: kv[1]["data_offsets"]))}
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the format pads the header with spaces to 8-byte alignment
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
 
 
 def _is_safetensors(head: bytes) -> bool:

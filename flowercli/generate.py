@@ -27,7 +27,7 @@ from flowercli.report import Reporter
 from flowercli.runconfig import config_from_dict
 
 MAX_IMAGES = 10_000  # per call; a typo like -n 1000000 should not fill the disk
-PACKAGED = Path(__file__).parent / "pretrained" / "generator.pt"
+PACKAGED = Path(__file__).parent / "pretrained" / "generator.safetensors"
 
 
 @dataclass

@@ -154,3 +154,26 @@ def test_eval_reads_safetensors_and_export_carries_its_figures(checkpoint, embed
     assert metrics[0]["type"] == "fid" and metrics[0]["value"] == round(report["fid"]["value"], 4)
     assert "| FID, unseen-class captions |" in card and "8 generated" in card
     assert str(runs).encode() not in (tmp_path / "r.safetensors").read_bytes()
+
+
+def test_packaged_model_is_safetensors_with_its_card_and_no_machine_paths():
+    from flowercli.checkpoint import load_checkpoint
+    from flowercli.generate import PACKAGED
+
+    assert PACKAGED.name == "generator.safetensors" and not PACKAGED.with_suffix(".pt").exists()
+    state = load_checkpoint(PACKAGED)
+    assert state["encoder"]["encoder"] == "minilm"  # packaged too (the offline extra): generate works offline
+
+    def strings(obj):
+        if isinstance(obj, dict):
+            return [s for v in obj.values() for s in strings(v)]
+        return [s for v in obj for s in strings(v)] if isinstance(obj, list) else [obj] if isinstance(obj, str) else []
+
+    texts = strings({k: v for k, v in state.items() if k != "G_ema"})
+    texts += strings(json.loads(PACKAGED.with_suffix(".json").read_text()))
+    assert texts and not [s for s in texts if s.startswith("/") or s[1:3] in (":\\", ":/")]
+    card = (PACKAGED.parent / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["model-index"][0]["results"][0]["metrics"][0]["type"] == "fid"
+    assert "--checkpoint generator.safetensors" in card and state["meta"]["caption_set"]["sha256"] in card
+    assert "/work" not in card
