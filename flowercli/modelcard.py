@@ -87,7 +87,8 @@ def figures(report: dict[str, Any]) -> list[Figure]:
                                   f"{_count(_get(group, 'ceiling', 'n'))} real", percent=True))
     colour = report.get("colour") or {}
     if _num(colour.get("agreement")) is not None:
-        out.append(Figure("colour agreement", "accuracy", _num(colour["agreement"]), f"{_count(colour.get('n'))} images",
+        out.append(Figure("colour agreement", "accuracy", _num(colour["agreement"]),
+                          f"{_count(colour.get('n'))} images",
                           _num(_get(colour, "ceiling", "agreement")),
                           f"{_count(_get(colour, 'ceiling', 'n_images'))} real", percent=True))
     div = report.get("diversity") or {}
@@ -214,7 +215,8 @@ def model_card(state: dict[str, Any], file_name: str, file_bytes: int | None = N
               f"describing a flower into a {size}×{size} RGB image. The sentence is embedded with "
               f"`{enc.get('encoder', 'unknown')}` ({enc.get('pooling', 'mean')} pooling, {enc.get('dim', '?')}-d"
               f"{', unit-normalised' if enc.get('normalised') else ''}), which `flowercli generate` loads by itself.",
-              "", "```bash", f'flowercli generate "this flower has yellow petals" -n 16 --checkpoint {file_name}', "```",
+              "", "```bash",
+              f'flowercli generate "this flower has yellow petals" -n 16 --checkpoint {file_name}', "```",
               ""]
     if file_bytes is not None:
         lines += [f"File: `{file_name}`, {file_bytes / 1e6:.1f} MB.", ""]
@@ -276,10 +278,12 @@ def model_card(state: dict[str, Any], file_name: str, file_bytes: int | None = N
                   f"`flowercli eval --checkpoint {file_name} --data-dir DATA` (the data it was trained on).", ""]
     else:
         proto = report.get("protocol") or {}
+        condition = ("condition sampled per image" if proto.get("condition") == "sampled"
+                     else "the mean condition of each caption")
+        psi = _num(proto.get("truncation"))
         lines += [f"`flowercli eval` (its protocol: docs/EVALUATION.md of flowercli), {split} side of the split, "
                   f"seed {proto.get('seed', '?')}, "
-                  f"{'condition sampled per image' if proto.get('condition') == 'sampled' else 'the mean condition of each caption'}"
-                  f"{', truncation ' + str(proto['truncation']) if _num(proto.get('truncation')) not in (None, 1.0) else ''}"
+                  f"{condition}{'' if psi in (None, 1.0) else f', truncation {psi}'}"
                   f", images {_get(report, 'run', 'image_size') or size}×{_get(report, 'run', 'image_size') or size}. "
                   "Every figure is shown beside its ceiling: the same measure on real images.", "",
                   "| figure | value | N | ceiling (real data) |", "| --- | --- | --- | --- |"]

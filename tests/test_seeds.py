@@ -69,7 +69,8 @@ def test_bad_seeds_and_truncation_are_usage_errors(checkpoint, tmp_path, args, m
 
 
 def test_interpolate_takes_no_seeds(checkpoint, tmp_path):
-    r = runner.invoke(app, ["generate", "--interpolate", "a", "--interpolate", "b", "--seeds", "1,2", "-c", str(checkpoint),
+    r = runner.invoke(app, ["generate", "--interpolate", "a", "--interpolate", "b", "--seeds", "1,2",
+                            "-c", str(checkpoint),
                             "--out", str(tmp_path / "o")])
     assert r.exit_code == 1 and "takes no --seeds" in r.stderr
 
@@ -99,7 +100,8 @@ def test_truncation_one_is_off_and_json_records_it(checkpoint, tmp_path):
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [(row["seed"], row["truncation"]) for row in rows] == [(0, 1.0), (1, 1.0)]
     r = gen(checkpoint, tmp_path / "c", "--seeds", "42,7", "--truncation", "0.5", "--json")
-    assert [(json.loads(x)["seed"], json.loads(x)["truncation"]) for x in r.stdout.splitlines()] == [(42, 0.5), (7, 0.5)]
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [(row["seed"], row["truncation"]) for row in rows] == [(42, 0.5), (7, 0.5)]
 
 
 def test_truncation_scales_z_and_a_sampled_condition_noise(checkpoint):

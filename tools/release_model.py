@@ -82,7 +82,8 @@ def main() -> None:
     from flowercli.modelcard import write_model_card
 
     facts = json.loads(args.facts.read_text()) if args.facts else {}
-    training = {k: v for k, v in (facts.get("training") or {}).items() if k in ("device", "cpu_seconds", "wall_seconds")}
+    training = {k: v for k, v in (facts.get("training") or {}).items()
+                if k in ("device", "cpu_seconds", "wall_seconds")}
     for key, value in (("cpu_seconds", args.cpu_seconds), ("wall_seconds", args.wall_seconds), ("device", args.device)):
         if value is not None:
             training[key] = value
@@ -106,7 +107,8 @@ def main() -> None:
 
     state = {k: v for k, v in released.items() if k != "G_ema"}
     json_path = args.out / f"{args.name}.json"
-    json_path.write_text(json.dumps(summary(state, target.name, (facts.get("data") or {}).get("dataset")), indent=2) + "\n")
+    dataset = (facts.get("data") or {}).get("dataset")
+    json_path.write_text(json.dumps(summary(state, target.name, dataset), indent=2) + "\n")
     card = write_model_card(target, args.out / "README.md")
     found = absolute_paths(state) + absolute_paths(json.loads(json_path.read_text()))
     # ...and none of the source's recorded paths anywhere in the bytes written (the card included).
