@@ -198,9 +198,18 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
 
 
 def _link_latest(path: Path) -> None:
-    # A hard link costs no second write; renaming it over latest.pt keeps that name atomic too.
-    latest = path.parent / "latest.pt"
-    tmp = path.parent / temp_name(latest)
+    link_checkpoint(path, "latest.pt")
+
+
+def link_checkpoint(path: Path, name: str) -> Path:
+    """Make `name` in the checkpoint's folder the same file as `path` (latest.pt, best.pt).
+
+    A hard link costs no second write, and outlives the step file when rotation deletes it; where
+    links are refused, a copy. Either is made under a temporary name and renamed over `name`, so
+    `name` is always a whole checkpoint.
+    """
+    dest = path.parent / name
+    tmp = path.parent / temp_name(dest)
     tmp.unlink(missing_ok=True)
     try:
         try:
@@ -209,10 +218,11 @@ def _link_latest(path: Path) -> None:
             import shutil
 
             shutil.copyfile(path, tmp)
-        os.replace(tmp, latest)
+        os.replace(tmp, dest)
     except BaseException:
-        tmp.unlink(missing_ok=True)  # latest.pt itself still names the previous checkpoint
+        tmp.unlink(missing_ok=True)  # `name` itself still names the previous checkpoint
         raise
+    return dest
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
