@@ -222,6 +222,13 @@ def train(
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", min=1, help="Steps between checkpoints "
                                                    f"(and every epoch end) [default: {_TRAIN.checkpoint_every}]."),
     keep: Optional[int] = typer.Option(None, "--keep", min=1, help=f"Step checkpoints kept [default: {_TRAIN.keep}]."),
+    eval_every: Optional[int] = typer.Option(
+        None, "--eval-every", min=0, metavar="STEPS", help="Quick FID of the EMA generator every STEPS steps and at "
+        f"the end ({_TRAIN.quick_eval_n} images of the evaluated split, logged); the best step is kept as "
+        "checkpoints/best.pt. 0 = off [default: 0]."),
+    tensorboard: Optional[bool] = typer.Option(
+        None, "--tensorboard/--no-tensorboard", help="Also write <run>/tensorboard/ for `tensorboard --logdir`: "
+        "losses, learning rates, img/s, quick FID, sample grids (needs the tensorboard extra)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", metavar="FIELD=VALUE",
                                              help="Any other training field (beta1=0.5) or model field "
                                              "(model.cond_bn=false), parsed by its type; repeatable; wins over the "
@@ -244,6 +251,7 @@ def train(
       flowercli train --recipe reference --run baseline --epochs 5
       flowercli train --run wide --set g_channels=64 --set d_channels=64
       flowercli train --run noisy --set model.noise_layers=concat --set model.mbstd_group=4 --set beta1=0.5
+      flowercli train --run watched --epochs 100 --eval-every 1000 --tensorboard
       torchrun --nproc_per_node 2 -m flowercli train --name ddp --epochs 10
     """
     from flowercli import train as train_mod
@@ -255,6 +263,7 @@ def train(
     given = {k: v for k, v in dict(
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr_g=lr, lr_d=lr_d, seed=seed, device=device,
         precision=precision, threads=threads, split=split, checkpoint_every=checkpoint_every, keep=keep,
+        eval_every=eval_every, tensorboard=tensorboard,
     ).items() if v is not None}
     try:
         given.update(parse_set(moved_flags_as_set(ctx, MOVED_TRAIN_FLAGS, reporter) + (set_ or [])))

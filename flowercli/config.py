@@ -239,6 +239,12 @@ class TrainConfig:
     # Fraction of training captions replaced by a species-name caption of the image's own class
     # ("a sunflower", data.NAME_TEMPLATES): human captions rarely name the species, users do (0 = off).
     name_mix: float = 0.0
+    # Quick FID of the EMA generator every this many steps and at the end, on quick_eval_n images from
+    # the evaluated split's captions; the best step is kept as checkpoints/best.pt (0 = off; quickeval.py).
+    eval_every: int = 0
+    quick_eval_n: int = 512
+    inception: Path | None = None  # the FID network, found as `flowercli eval --inception` finds it
+    tensorboard: bool = False  # also write <run>/tensorboard/ (needs the tensorboard extra)
     resume: bool = False
     recipe: str = "modern"
     model: ModelConfig = ModelConfig()
@@ -282,6 +288,7 @@ SET_MINIMUM = {
     "epochs": 1, "max_steps": 0, "batch_size": 2, "seed": 0, "threads": 0, "checkpoint_every": 1, "keep": 1,
     "sample_every": 1, "log_every": 1, "model.image_size": 16, "model.noise_dim": 1, "model.cond_dim": 1,
     "model.g_channels": 4, "model.d_channels": 4, "model.mbstd_group": 0, "model.mode_seek_pairs": 0,
+    "eval_every": 0, "quick_eval_n": 4,  # quickeval.MIN_N: recall's k-th neighbour needs k + 1 images
 }
 
 

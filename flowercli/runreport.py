@@ -33,7 +33,8 @@ from flowercli.report import Reporter
 PNG_NAME = "report.png"  # written into the run folder unless --out says otherwise
 INSTALL_HINT = "pip install 'flowercli[plots]'"
 # Logged fields that are not loss terms: they get panels (or summary lines) of their own.
-NOT_TERMS = frozenset({"step", "epoch", "img_per_s", "time", "quick_fid", "best"})
+NOT_TERMS = frozenset({"step", "epoch", "img_per_s", "time", "quick_fid", "best",
+                       "quick_recall", "quick_eval_seconds", "quick_n"})  # the rest of a quick eval (quickeval.py)
 _SAMPLE_RE = re.compile(r"^epoch-(\d+)\.png$")  # samples/epoch-NNNN.png
 _CKPT_RE = re.compile(r"^step-(\d+)\.pt$")  # checkpoints/step-NNNNNNN.pt
 

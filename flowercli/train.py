@@ -7,7 +7,8 @@ Data parallel runs start under torchrun; each rank trains on its slice of every 
 gradients are averaged across ranks (distributed.py).
 
 The helpers live beside the code they share: devices and precision in device.py, the config in
-runconfig.py, the data and batches in traindata.py, seeds in rng.py, the run lock in fsutil.py.
+runconfig.py, the data and batches in traindata.py, seeds in rng.py, the run lock in fsutil.py;
+the quick FID and best.pt (`eval_every`) in quickeval.py, TensorBoard (`tensorboard`) in tblog.py.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from flowercli.errors import CheckpointError, DataError, FlowerError, InputError
 from flowercli.fsutil import StopFlag, atomic_write, nearest_existing, run_lock
 from flowercli.losses import Objective, ema_decay, ema_update
 from flowercli.models import Discriminator, Generator, count_parameters, recalibrate_batchnorm
+from flowercli.quickeval import QuickEval, Scores
+from flowercli.quickeval import check_config as check_quick_eval
 from flowercli.report import Reporter
 from flowercli.rng import rng_states, set_rng_states, step_generator
 from flowercli.runconfig import (
@@ -53,6 +56,8 @@ from flowercli.runconfig import (
     data_differences,
     validate_config,
 )
+from flowercli.tblog import check_available as check_tensorboard
+from flowercli.tblog import tensorboard_log
 from flowercli.traindata import (
     SAMPLE_PROMPTS,
     Batch,
@@ -122,15 +127,19 @@ def train(cfg: TrainConfig, report: Reporter = Reporter()) -> TrainResult:
                 report.info(f"Training {run_dir}: {n_train} images, {len(data.classes)} classes, split {data.split}, "
                             f"{steps_per_epoch} steps/epoch, device {device}, precision {autocast_dtype or 'fp32'}, "
                             f"{threads} threads")
+            # Rank 0's quick FID (eval_every): set up here, so missing data or a missing FID network
+            # stops the run before its first step.
+            quick = QuickEval(cfg, data, run_dir, device, step, report) if is_main and cfg.eval_every else None
 
             # The loop: each rank takes its slice of the epoch's order; rank 0 logs, samples and saves.
             last_ckpt = None
             order_epoch, order = -1, None
             nets.G.train()
             nets.D.train()
-            with report.task(f"Training {cfg.run}", total=total_steps) as task:
+            with report.task(f"Training {cfg.run}", total=total_steps) as task, tensorboard_log(
+                    run_dir, is_main and cfg.tensorboard, {"G": nets.opt_G, "D": nets.opt_D}, step) as tb:
                 log = _Log(run_dir / "log.jsonl", task, report, step, steps_per_epoch, total_steps,
-                           images_per_step=cfg.batch_size * world)
+                           images_per_step=cfg.batch_size * world, tb=tb)
                 task.advance(step)
                 while step < total_steps:
                     epoch, i = divmod(step, steps_per_epoch)
@@ -142,17 +151,24 @@ def train(cfg: TrainConfig, report: Reporter = Reporter()) -> TrainResult:
                     task.advance()
                     stop_now = max_over_ranks(stop.signum, world, device)  # in step with the other ranks
 
-                    # Logging, samples, checkpoints.
+                    # Quick FID (rank 0, not when asked to stop), samples, checkpoints (one at a new best
+                    # quick FID too, which best.pt then points at), logging.
                     end_of_epoch = step % steps_per_epoch == 0
-                    if is_main and (step % cfg.log_every == 0 or step == total_steps):
-                        log.write(step, stats)
+                    due = quick is not None and quick.due(step, total_steps) and not stop_now
+                    scores = quick.measure(nets.G_ema, step) if due else None
                     if is_main and end_of_epoch and ((step // steps_per_epoch) % cfg.sample_every == 0
                                                      or step == total_steps):
-                        _save_samples(nets.G_ema, data, cfg, device, run_dir, step // steps_per_epoch)
+                        grid = _save_samples(nets.G_ema, data, cfg, device, run_dir, step // steps_per_epoch)
+                        if tb:
+                            tb.samples(grid, step)
                     if is_main and (end_of_epoch or step % cfg.checkpoint_every == 0 or step == total_steps
-                                    or stop_now):
+                                    or stop_now or (scores and scores.is_best)):
                         saved = _checkpoint_state(nets, data, cfg, device, step, step // steps_per_epoch)
                         last_ckpt = save_checkpoint(saved, ckpt_dir, cfg.keep)
+                    if scores:
+                        quick.keep_best(scores, last_ckpt)
+                    if is_main and (step % cfg.log_every == 0 or step == total_steps or scores):
+                        log.write(step, stats, scores)
                     if stop_now:
                         raise Interrupted(f"stopped by {signal.Signals(stop_now).name} at step {step}; checkpoint "
                                           f"saved, continue with --resume --run {cfg.run}", stop_now)
@@ -194,6 +210,9 @@ def _named_and_checked(cfg: TrainConfig) -> TrainConfig:
         raise DataError(f"embeddings file {emb_path} does not exist; run `flowercli embed` first")
     cfg = replace(cfg, run=run_name, embeddings=emb_path)
     validate_config(cfg)
+    check_quick_eval(cfg)
+    if cfg.tensorboard:
+        check_tensorboard()  # before anything is written
     # --resume on a run without a checkpoint starts it (see _resume_or_start): no check here.
     return cfg
 
@@ -290,11 +309,12 @@ def _write_run_files(run_dir: Path, cfg: TrainConfig, data: TrainData, nets: Net
 
 
 class _Log:
-    """Rank 0's log.jsonl lines, the progress display, and every 30 s (and at the end) a debug echo."""
+    """Rank 0's log.jsonl lines (and their TensorBoard copy), the progress display, and every 30 s
+    (and at the end) a debug echo."""
 
     def __init__(self, path: Path, task, report: Reporter, step0: int, steps_per_epoch: int, total_steps: int,
-                 images_per_step: int):
-        self.path, self.task, self.report = path, task, report
+                 images_per_step: int, tb=None):
+        self.path, self.task, self.report, self.tb = path, task, report, tb
         self.step0, self.steps_per_epoch, self.total_steps = step0, steps_per_epoch, total_steps
         self.images_per_step = images_per_step
         self.t0 = self.t_echo = time.time()
@@ -306,12 +326,14 @@ class _Log:
         """Throughput since this process started training (a resumed run counts from its resume)."""
         return (step - self.step0) * self.images_per_step / max(self.seconds(), 1e-9)
 
-    def write(self, step: int, stats: dict[str, torch.Tensor]) -> None:
+    def write(self, step: int, stats: dict[str, torch.Tensor], scores: Scores | None = None) -> None:
         rate = self.images_per_second(step)
         values = {k: round(v.item(), 5) for k, v in stats.items()}
         record = {"step": step, "epoch": step / self.steps_per_epoch, **values, "img_per_s": round(rate, 1),
-                  "time": round(self.seconds(), 2)}
+                  "time": round(self.seconds(), 2), **(scores.fields if scores else {})}
         write_jsonl(self.path, record)
+        if self.tb:
+            self.tb.record(step, record)
         self.task.update(loss_d=values["loss_d"], loss_g=values["loss_g"], img_s=round(rate, 1))
         if time.time() - self.t_echo > 30 or step == self.total_steps:
             self.report.debug(json.dumps(record))
@@ -324,11 +346,14 @@ def write_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 
 def _save_samples(G_ema: Generator, data: TrainData, cfg: TrainConfig, device: torch.device, run_dir: Path,
-                  epoch: int) -> None:
+                  epoch: int) -> np.ndarray:
+    """Write samples/epoch-NNNN.png; return the grid."""
     from flowercli.images import save_png
 
     recalibrate_batchnorm(G_ema, calibration_batches(data, cfg, device))
-    save_png(sample_grid(G_ema, data, cfg, device), run_dir / "samples" / f"epoch-{epoch:04d}.png")
+    grid = sample_grid(G_ema, data, cfg, device)
+    save_png(grid, run_dir / "samples" / f"epoch-{epoch:04d}.png")
+    return grid
 
 
 @torch.no_grad()
