@@ -75,7 +75,7 @@ class Scores:
     seconds: float
     n: int
     is_best: bool = False
-    best: dict[str, Any] | None = field(default=None)  # set by QuickEval.keep_best once best.pt points at it
+    best: dict[str, Any] | None = field(default=None)  # set by QuickEval.measure when is_best
 
     @property
     def fields(self) -> dict[str, Any]:
@@ -167,6 +167,8 @@ class QuickEval:
         # Rounded as logged, so that the best read back after a resume compares like with like.
         scores = Scores(step, round(fid, 5), round(recall, 5), time.perf_counter() - t, n)
         scores.is_best = math.isfinite(scores.fid) and (self.best is None or scores.fid < self.best["quick_fid"])
+        if scores.is_best:  # named before the checkpoint exists: the step's log line is written first
+            scores.best = {"step": step, "quick_fid": scores.fid, "checkpoint": f"checkpoints/step-{step:07d}.pt"}
         return scores
 
     def keep_best(self, scores: Scores, checkpoint: Path | None) -> None:
@@ -184,8 +186,7 @@ class QuickEval:
 
             raise CheckpointError(f"could not point {self.ckpt_dir / BEST} at {checkpoint.name}: "
                                   f"{write_error_text(e)}; the checkpoints are intact") from None
-        self.best = scores.best = {"step": scores.step, "quick_fid": scores.fid,
-                                   "checkpoint": f"checkpoints/{checkpoint.name}"}
+        self.best = scores.best
 
     def _load(self) -> None:
         """The FID network, then the split's real features and statistics (each cached on disk)."""

@@ -161,14 +161,16 @@ def train(cfg: TrainConfig, report: Reporter = Reporter()) -> TrainResult:
                         grid = _save_samples(nets.G_ema, data, cfg, device, run_dir, step // steps_per_epoch)
                         if tb:
                             tb.samples(grid, step)
+                    # The step's log line comes before its checkpoint: a run never holds a checkpoint of a
+                    # step its log does not record (a full disk while logging keeps the previous checkpoint).
+                    if is_main and (step % cfg.log_every == 0 or step == total_steps or scores):
+                        log.write(step, stats, scores)
                     if is_main and (end_of_epoch or step % cfg.checkpoint_every == 0 or step == total_steps
                                     or stop_now or (scores and scores.is_best)):
                         saved = _checkpoint_state(nets, data, cfg, device, step, step // steps_per_epoch)
                         last_ckpt = save_checkpoint(saved, ckpt_dir, cfg.keep)
                     if scores:
                         quick.keep_best(scores, last_ckpt)
-                    if is_main and (step % cfg.log_every == 0 or step == total_steps or scores):
-                        log.write(step, stats, scores)
                     if stop_now:
                         raise Interrupted(f"stopped by {signal.Signals(stop_now).name} at step {step}; checkpoint "
                                           f"saved, continue with --resume --run {cfg.run}", stop_now)
