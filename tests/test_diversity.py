@@ -202,10 +202,10 @@ def test_bad_diversity_settings(data, tiny_net):  # noqa: F811
 def test_cli_table_shows_diversity(fake_cli, monkeypatch):  # noqa: F811
     import functools
 
-    import flowercli.config
+    import flowercli.cli
 
-    monkeypatch.setattr(flowercli.config, "EvalConfig", functools.partial(flowercli.config.EvalConfig,
-                                                                          diversity_prompts=3, diversity_seeds=2))
+    monkeypatch.setattr(flowercli.cli, "EvalConfig", functools.partial(flowercli.cli.EvalConfig,
+                                                                       diversity_prompts=3, diversity_seeds=2))
     args = ["eval", "--run", "demo", "--runs-dir", str(fake_cli.runs), "-n", "16", "--batch-size", "8", "-q"]
     table = CliRunner().invoke(app, args)
     assert table.exit_code == 0, table.output

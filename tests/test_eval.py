@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import COLOURS
 from flowercli.cli import app
 from flowercli.config import EvalConfig
 from flowercli.errors import DataError, InputError
@@ -20,6 +19,8 @@ from flowercli.metrics import evaluate as ev
 from flowercli.metrics import real
 from flowercli.report import ListReporter
 from test_metrics import _TinyFeatures, save_scripted
+
+from conftest import COLOURS
 
 PROMPT_RGB = {"white": (240, 240, 235), "yellow": (235, 215, 40), "orange": (240, 140, 20), "red": (200, 20, 30),
               "pink": (240, 150, 180), "purple": (130, 50, 190), "blue": (50, 80, 210)}
@@ -40,8 +41,7 @@ def data(dataset_dir, tmp_path) -> Path:
 def make_embeddings(root: Path):
     """Embeddings in the shape `open_embeddings` returns; vectors are one-hot classes (+ a caption code)."""
     from flowercli.config import DataLayout
-    from flowercli.data import (class_split_of, image_splits, pad_captions, read_captions, read_class_splits,
-                                read_labels)
+    from flowercli.data import class_split_of, image_splits, pad_captions, read_captions, read_class_splits, read_labels
 
     layout = DataLayout(root)
     labels = read_labels(layout)
@@ -365,11 +365,12 @@ def fake_cli(monkeypatch, data, tmp_path, tiny_net):
 
     monkeypatch.setattr(flowercli.generate, "load_generator", fake_load)
     # Fewer extra images than the protocol's defaults: the CLI test is about wiring, not numbers.
+    # Patched where the eval command looks the class up (cli.py imports it by name).
     import functools
 
-    import flowercli.config
+    import flowercli.cli
 
-    monkeypatch.setattr(flowercli.config, "EvalConfig", functools.partial(EvalConfig, n_other=8, colour_seeds=1))
+    monkeypatch.setattr(flowercli.cli, "EvalConfig", functools.partial(EvalConfig, n_other=8, colour_seeds=1))
     monkeypatch.setattr(ev, "load_embeddings", lambda path: emb)
     monkeypatch.setenv("FLOWERCLI_INCEPTION", str(tiny_net))
     (data / "embeddings").mkdir()
