@@ -43,9 +43,11 @@ class _Layer(nn.Module):
     def __init__(self, hidden: int, heads: int, inner: int, eps: float):
         super().__init__()
         self.heads = heads
-        self.query, self.key, self.value = nn.Linear(hidden, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)
+        self.query, self.key, self.value = (nn.Linear(hidden, hidden), nn.Linear(hidden, hidden),
+                                            nn.Linear(hidden, hidden))
         self.attn_out, self.attn_norm = nn.Linear(hidden, hidden), nn.LayerNorm(hidden, eps=eps)
-        self.inner, self.out, self.out_norm = nn.Linear(hidden, inner), nn.Linear(inner, hidden), nn.LayerNorm(hidden, eps=eps)
+        self.inner, self.out = nn.Linear(hidden, inner), nn.Linear(inner, hidden)
+        self.out_norm = nn.LayerNorm(hidden, eps=eps)
 
     def forward(self, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         b, t, d = h.shape
@@ -53,7 +55,8 @@ class _Layer(nn.Module):
         def split(x):
             return x.view(b, t, self.heads, d // self.heads).transpose(1, 2)
 
-        a = F.scaled_dot_product_attention(split(self.query(h)), split(self.key(h)), split(self.value(h)), attn_mask=bias)
+        a = F.scaled_dot_product_attention(split(self.query(h)), split(self.key(h)), split(self.value(h)),
+                                           attn_mask=bias)
         h = self.attn_norm(self.attn_out(a.transpose(1, 2).reshape(b, t, d)) + h)
         return self.out_norm(self.out(F.gelu(self.inner(h))) + h)
 

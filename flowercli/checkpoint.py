@@ -253,7 +253,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
                               "pass a file written by flowercli train")
     if state.get("schema_version") != SCHEMA_VERSION:
         raise CheckpointError(
-            f"checkpoint {path} has schema version {state.get('schema_version')}, this flowercli reads {SCHEMA_VERSION}; "
+            f"checkpoint {path} has schema version {state.get('schema_version')}, "
+            f"this flowercli reads {SCHEMA_VERSION}; "
             "use the flowercli version that wrote it, or train again"
         )
     return state
@@ -326,7 +327,8 @@ def find_latest_checkpoint(run_dir: Path) -> Path:
     """The newest step checkpoint of a run (by step number)."""
     found = list_checkpoints(Path(run_dir) / "checkpoints")
     if not found:
-        raise CheckpointError(f"run {run_dir} has no checkpoints yet (train it first: flowercli train --run {Path(run_dir).name})")
+        raise CheckpointError(f"run {run_dir} has no checkpoints yet "
+                              f"(train it first: flowercli train --run {Path(run_dir).name})")
     return found[-1]
 
 

@@ -7,7 +7,6 @@ Heavy libraries (torch, transformers, h5py) are imported inside the commands so 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -59,17 +58,17 @@ from flowercli.config import DownloadConfig  # noqa: E402  (stdlib only: cheap)
 @app.command("download")
 @handle_errors
 def download_cmd(
-    mirror: Optional[str] = typer.Option(
+    mirror: str | None = typer.Option(
         None, "--mirror", metavar="DIR|URL",
         help="Folder or base URL holding 102flowers.tgz, imagelabels.mat, setid.mat (verified against its "
         "SHA256SUMS when present, else the official md5) [default: the official Oxford VGG site].",
     ),
-    captions: Optional[str] = typer.Option(
+    captions: str | None = typer.Option(
         None, "--captions", metavar="PATH|URL",
         help="Captions archive (tar, tgz or zip) holding text_c10/ and the class split files "
         "[default: a captions archive in --mirror, else Reed et al. 2016 from Google Drive].",
     ),
-    data_dir: Optional[Path] = DataDirOpt,
+    data_dir: Path | None = DataDirOpt,
     force: bool = typer.Option(DownloadConfig.force, "--force",
                                help="Extract again even when the dataset is complete."),
     as_json: bool = typer.Option(False, "--json", help="Print a summary as one JSON line on stdout."),
@@ -141,7 +140,7 @@ def embed_cmd(
     max_length: int = typer.Option(_EMBED.max_length, "--max-length", min=2, help="Longest caption in tokens; longer ones are cut (warned)."),
     dtype: _VectorDtype = typer.Option(_VectorDtype(_EMBED.dtype), "--dtype", help="Storage precision of the vectors."),
     normalise: bool = typer.Option(_EMBED.normalise, "--normalise", help="L2-normalise each caption vector."),
-    data_dir: Optional[Path] = DataDirOpt,
+    data_dir: Path | None = DataDirOpt,
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON line."),
@@ -192,44 +191,44 @@ _TRAIN = TrainConfig()  # the defaults; None below means "not given": the recipe
 @handle_errors
 def train(
     ctx: typer.Context,
-    data_dir: Optional[Path] = DataDirOpt,
-    runs_dir: Optional[Path] = RunsDirOpt,
-    run: Optional[str] = typer.Option(None, "--run", "--name", help="Run name (a folder under the runs dir) "
+    data_dir: Path | None = DataDirOpt,
+    runs_dir: Path | None = RunsDirOpt,
+    run: str | None = typer.Option(None, "--run", "--name", help="Run name (a folder under the runs dir) "
                                       "[default: a timestamp]. Under torchrun write --name: torchrun takes --run."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run from its newest readable checkpoint; "
                                 "start it if it has none yet (one command line for start and restarts)."),
     recipe: str = typer.Option(_TRAIN.recipe, "--recipe", help="modern or reference (the original design)."),
-    embeddings: Optional[Path] = typer.Option(
+    embeddings: Path | None = typer.Option(
         None, "--embeddings", help="HDF5 from `flowercli embed` [default: newest in <data>/embeddings]."),
-    encoder: Optional[str] = typer.Option(None, "--encoder", help="Pick <data>/embeddings/<encoder>.h5 (e.g. minilm)."),
-    split: Optional[str] = typer.Option(None, "--split", help="classes, images, all or auto (classes when split "
+    encoder: str | None = typer.Option(None, "--encoder", help="Pick <data>/embeddings/<encoder>.h5 (e.g. minilm)."),
+    split: str | None = typer.Option(None, "--split", help="classes, images, all or auto (classes when split "
                                         f"files exist) [default: {_TRAIN.split}]."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", "-e", min=1,
+    epochs: int | None = typer.Option(None, "--epochs", "-e", min=1,
                                          help=f"Epochs in total (also when resuming) [default: {_TRAIN.epochs}]."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=0, help="Stop after this many steps in total."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=2,
+    max_steps: int | None = typer.Option(None, "--max-steps", min=0, help="Stop after this many steps in total."),
+    batch_size: int | None = typer.Option(None, "--batch-size", "-b", min=2,
                                              help=f"Images per step [default: {_TRAIN.batch_size}]."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Generator learning rate [default: the recipe's]."),
-    lr_d: Optional[float] = typer.Option(None, "--lr-d", help="Discriminator learning rate [default: the recipe's]."),
-    seed: Optional[int] = typer.Option(None, "--seed", min=0,
+    lr: float | None = typer.Option(None, "--lr", help="Generator learning rate [default: the recipe's]."),
+    lr_d: float | None = typer.Option(None, "--lr-d", help="Discriminator learning rate [default: the recipe's]."),
+    seed: int | None = typer.Option(None, "--seed", min=0,
                                        help=f"The same seed repeats a CPU run exactly [default: {_TRAIN.seed}]."),
-    device: Optional[str] = typer.Option(None, "--device",
+    device: str | None = typer.Option(None, "--device",
                                          help=f"auto, cpu, cuda or cuda:N [default: {_TRAIN.device}]."),
-    precision: Optional[str] = typer.Option(None, "--precision",
+    precision: str | None = typer.Option(None, "--precision",
                                             help=f"auto, fp32 or bf16 autocast [default: {_TRAIN.precision}]."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=0,
+    threads: int | None = typer.Option(None, "--threads", min=0,
                                           help=f"CPU threads for torch, 0 = one per core [default: {_TRAIN.threads}]."),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", min=1, help="Steps between checkpoints "
+    checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", min=1, help="Steps between checkpoints "
                                                    f"(and every epoch end) [default: {_TRAIN.checkpoint_every}]."),
-    keep: Optional[int] = typer.Option(None, "--keep", min=1, help=f"Step checkpoints kept [default: {_TRAIN.keep}]."),
-    eval_every: Optional[int] = typer.Option(
+    keep: int | None = typer.Option(None, "--keep", min=1, help=f"Step checkpoints kept [default: {_TRAIN.keep}]."),
+    eval_every: int | None = typer.Option(
         None, "--eval-every", min=0, metavar="STEPS", help="Quick FID of the EMA generator every STEPS steps and at "
         f"the end ({_TRAIN.quick_eval_n} images of the evaluated split, logged); the best step is kept as "
         "checkpoints/best.pt. 0 = off [default: 0]."),
-    tensorboard: Optional[bool] = typer.Option(
+    tensorboard: bool | None = typer.Option(
         None, "--tensorboard/--no-tensorboard", help="Also write <run>/tensorboard/ for `tensorboard --logdir`: "
         "losses, learning rates, img/s, quick FID, sample grids (needs the tensorboard extra)."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="FIELD=VALUE",
+    set_: list[str] | None = typer.Option(None, "--set", metavar="FIELD=VALUE",
                                              help="Any other training field (beta1=0.5) or model field "
                                              "(model.cond_bn=false), parsed by its type; repeatable; wins over the "
                                              "recipe and the flags. The fields are listed below."),
@@ -297,21 +296,21 @@ _GEN = GenerateConfig()  # the defaults
 @app.command()
 @handle_errors
 def generate(
-    prompts: Optional[List[str]] = typer.Argument(None, help="One or more sentences describing a flower."),
-    n: Optional[int] = typer.Option(None, "-n", "--n",
+    prompts: list[str] | None = typer.Argument(None, help="One or more sentences describing a flower."),
+    n: int | None = typer.Option(None, "-n", "--n",
                                     help=f"Images per prompt, seeds --seed, --seed + 1, ... [default: {_GEN.n}]."),
     out: Path = typer.Option(_GEN.out, "--out", "-o", help="Output folder."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint file (.pt or .safetensors) or run folder [default: newest run, else the packaged model]."),
-    runs_dir: Optional[Path] = RunsDirOpt,
-    seed: Optional[int] = typer.Option(None, "--seed",
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", "-c", help="Checkpoint file (.pt or .safetensors) or run folder [default: newest run, else the packaged model]."),
+    runs_dir: Path | None = RunsDirOpt,
+    seed: int | None = typer.Option(None, "--seed",
                                        help=f"Seed of the first image; image k uses seed + k [default: {_GEN.seed}]."),
-    seeds: Optional[str] = typer.Option(None, "--seeds", help="The seeds of each prompt's images, e.g. 0-15,42 (ranges inclusive); instead of --seed and -n, which it does not combine with."),
+    seeds: str | None = typer.Option(None, "--seeds", help="The seeds of each prompt's images, e.g. 0-15,42 (ranges inclusive); instead of --seed and -n, which it does not combine with."),
     truncation: float = typer.Option(_GEN.truncation, "--truncation", metavar="PSI", help="Scale every image's noise by PSI toward its mean (0 < PSI <= 1; 1 = off): less variety, more typical images. With --sample-condition the condition's noise too."),
-    prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="A text file with one prompt per line."),
-    interpolate: Optional[List[str]] = typer.Option(None, "--interpolate", help='Walk between two captions: --interpolate "A" --interpolate "B".'),
+    prompts_file: Path | None = typer.Option(None, "--prompts-file", help="A text file with one prompt per line."),
+    interpolate: list[str] | None = typer.Option(None, "--interpolate", help='Walk between two captions: --interpolate "A" --interpolate "B".'),
     steps: int = typer.Option(_GEN.steps, "--steps", help="Images along an --interpolate walk."),
     device: str = typer.Option(_GEN.device, "--device", help="auto, cpu, cuda or cuda:N."),
-    sample_condition: Optional[bool] = typer.Option(
+    sample_condition: bool | None = typer.Option(
         None, "--sample-condition/--mean-condition",
         help="With a conditioning-augmentation generator: sample each image's condition from its seed (more "
         "variety per prompt) or use the caption's mean [default: what the run's model.sample_condition says, else mean]."),
@@ -394,17 +393,17 @@ _EVAL = EvalConfig()  # the defaults: the protocol of docs/EVALUATION.md
 @app.command("eval")
 @handle_errors
 def eval_(
-    run: Optional[str] = typer.Option(None, "--run", "-r", help="Run name under --runs-dir; its newest checkpoint is evaluated."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="A checkpoint file or run folder (overrides the run's newest)."),
-    runs_dir: Optional[Path] = RunsDirOpt,
-    data_dir: Optional[Path] = DataDirOpt,
+    run: str | None = typer.Option(None, "--run", "-r", help="Run name under --runs-dir; its newest checkpoint is evaluated."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", "-c", help="A checkpoint file or run folder (overrides the run's newest)."),
+    runs_dir: Path | None = RunsDirOpt,
+    data_dir: Path | None = DataDirOpt,
     n: int = typer.Option(_EVAL.n, "-n", "--n", help="Generated images for FID and class accuracy."),
     seed: int = typer.Option(_EVAL.seed, "--seed", help="Fixes the caption order and the noise (image i uses seed + i)."),
     split: str = typer.Option(_EVAL.split, "--split", help="test (held-out: unseen classes of a 'classes' run) or train."),
     batch_size: int = typer.Option(_EVAL.batch_size, "--batch-size", "-b", help="Batch size for generation and Inception (does not change results)."),
     device: str = typer.Option(_EVAL.device, "--device", help="auto, cpu, cuda or cuda:N."),
-    inception: Optional[Path] = typer.Option(None, "--inception", help="TorchScript FID Inception file [default: $FLOWERCLI_INCEPTION, the offline wheel, else download]."),
-    sample_condition: Optional[bool] = typer.Option(
+    inception: Path | None = typer.Option(None, "--inception", help="TorchScript FID Inception file [default: $FLOWERCLI_INCEPTION, the offline wheel, else download]."),
+    sample_condition: bool | None = typer.Option(
         None, "--sample-condition/--mean-condition",
         help="Sample each image's condition from its seed, or use the caption's mean [default: the run's "
         "model.sample_condition, else mean]; the report says which."),
@@ -455,9 +454,9 @@ def eval_(
 @handle_errors
 def export(
     out: Path = typer.Argument(..., help="The file to write; its suffix picks the format: NAME.safetensors (weights, metadata as JSON strings; loads without pickle) or NAME.pt (a torch file)."),
-    run: Optional[str] = typer.Option(None, "--run", "-r", help="Run name under --runs-dir; its newest checkpoint is exported."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="A checkpoint file (overrides --run)."),
-    runs_dir: Optional[Path] = RunsDirOpt,
+    run: str | None = typer.Option(None, "--run", "-r", help="Run name under --runs-dir; its newest checkpoint is exported."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", "-c", help="A checkpoint file (overrides --run)."),
+    runs_dir: Path | None = RunsDirOpt,
     fp32: bool = typer.Option(False, "--fp32", help="Keep float32 weights (default: float16, half the size)."),
     card: bool = typer.Option(True, "--card/--no-card", help="Write the model card NAME.md beside the file (Hugging Face layout; upload it as README.md)."),
     as_json: bool = typer.Option(False, "--json", help="Print path, size, card, source checkpoint and whether an eval report was included, as JSON."),
@@ -523,8 +522,8 @@ def export(
 @handle_errors
 def report_cmd(
     run: str = typer.Argument(..., help="Run name under --runs-dir, or the path of a run folder."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="The PNG to write [default: <run>/report.png]."),
-    runs_dir: Optional[Path] = RunsDirOpt,
+    out: Path | None = typer.Option(None, "--out", "-o", help="The PNG to write [default: <run>/report.png]."),
+    runs_dir: Path | None = RunsDirOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as one JSON object instead of the summary."),
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,

@@ -11,9 +11,10 @@ import math
 import os
 import re
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 DATA_DIR_ENV = "FLOWERCLI_DATA_DIR"
 RUNS_DIR_ENV = "FLOWERCLI_RUNS_DIR"
@@ -254,7 +255,8 @@ class TrainConfig:
 # baseline improvements are measured against; `modern` adds what makes small text GANs converge.
 RECIPES: dict[str, dict[str, dict]] = {
     "reference": {
-        "model": dict(cond_aug=False, loss="bce", spectral_norm=False, d_head="aux", ma_gp=0.0, diffaug="", gan_int=0.0),
+        "model": dict(cond_aug=False, loss="bce", spectral_norm=False, d_head="aux", ma_gp=0.0, diffaug="",
+                      gan_int=0.0),
         "train": dict(lr_g=2e-4, lr_d=2e-4, beta1=0.5, beta2=0.999, ema=0.0),
     },
     # Each choice below won an equal-CPU-budget comparison (docs/BENCHMARKS.md, "Choosing the default

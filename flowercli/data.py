@@ -8,9 +8,10 @@ the file and says what to do.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -196,7 +197,8 @@ def read_captions(layout: DataLayout, image_ids: Sequence[int], labels: Sequence
             raise DataError(f"caption file {path} is missing: {_REINSTALL}") from None
         if len(raw) > CAPTION_FILE_MAX_BYTES:
             raise DataError(f"caption file {path} is larger than {CAPTION_FILE_MAX_BYTES:,} bytes, which no caption "
-                            f"file is: {_REINSTALL}, or pass a captions archive in Reed et al.'s layout with --captions")
+                            f"file is: {_REINSTALL}, or pass a captions archive in Reed et al.'s layout "
+                            "with --captions")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:

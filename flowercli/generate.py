@@ -145,7 +145,8 @@ def load_generator(checkpoint: Path | None = None, device: str = "cpu", runs_dir
                          f"(model.cond_aug); {path} was trained without, so its condition has nothing to sample")
     data = state.get("data", {})
     meta = {"split": data.get("split"), "embeddings": data.get("embeddings"), "data_dir": data.get("data_dir"),
-            "classes": data.get("classes"), "encoder": state["encoder"].get("encoder"), "encoder_info": state["encoder"],
+            "classes": data.get("classes"), "encoder": state["encoder"].get("encoder"),
+            "encoder_info": state["encoder"],
             "step": state.get("step"), "recipe": state["config"].get("recipe"), "extra": state.get("meta", {})}
     return LoadedGenerator(G=G, meta=meta, checkpoint=path, device=dev, sample_condition=sample_condition)
 

@@ -163,7 +163,9 @@ def _cutout(x: torch.Tensor, g: torch.Generator, ratio: float = 0.5) -> torch.Te
 
 
 def _fmt(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4 else torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 _AUGMENTS = {"color": _colour, "colour": _colour, "translation": _translation, "cutout": _cutout}

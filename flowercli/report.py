@@ -6,8 +6,8 @@ terminal, plain lines otherwise, nothing with --quiet). Python callers get the s
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 
 class Task:

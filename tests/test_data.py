@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-from conftest import N_CLASSES, N_IMAGES, SPLITS, captions_for, image_label
 from flowercli import data
 from flowercli.config import DataLayout
 from flowercli.errors import DataError
+
+from conftest import N_CLASSES, N_IMAGES, SPLITS, captions_for, image_label
 
 
 @pytest.fixture

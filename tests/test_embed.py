@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import N_IMAGES, captions_for
 from flowercli.cli import app
 from flowercli.config import DataLayout, EmbedConfig
 from flowercli.data import open_embeddings
 from flowercli.embed import TextEncoder, embed, resolve_encoder, unique_texts
 from flowercli.errors import EncoderError, InputError
+
+from conftest import N_IMAGES, captions_for
 
 runner = CliRunner()
 

@@ -1,7 +1,6 @@
 """generate: files, seeds, JSON, interpolation, packaged-model fallback and bad input."""
 
 import json
-import pickle
 from pathlib import Path
 
 import numpy as np
