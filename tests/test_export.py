@@ -127,12 +127,13 @@ def test_damaged_safetensors_is_one_line(checkpoint, tmp_path):
 
 def test_eval_reads_safetensors_and_export_carries_its_figures(checkpoint, embedded_dir, tmp_path, monkeypatch):
     """A real (tiny) eval of the exported file; that report, put beside the run's checkpoint, goes into the card."""
+    import flowercli.cli
     import flowercli.config
 
     data = tmp_path / "data"
     shutil.copytree(embedded_dir, data)  # eval caches real-image features under the data dir
     monkeypatch.setenv("FLOWERCLI_INCEPTION", str(save_scripted(_TinyFeatures(), tmp_path / "tiny.pt")))
-    monkeypatch.setattr(flowercli.config, "EvalConfig",
+    monkeypatch.setattr(flowercli.cli, "EvalConfig",  # the eval command's settings, lighter for the test
                         functools.partial(flowercli.config.EvalConfig, n_other=8, colour_seeds=1, diversity_prompts=2,
                                           diversity_seeds=2, name_seeds=1))
     st = tmp_path / "model" / "m.safetensors"
