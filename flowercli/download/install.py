@@ -14,8 +14,6 @@ import posixpath
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from flowercli import __version__
@@ -27,6 +25,7 @@ from flowercli.download.manifest import MANIFEST_SCHEMA, _read_manifest, _same_a
 from flowercli.download.sources import CAPTIONS_NAME, _request, resolve_sources
 from flowercli.download.validation import _IMAGE_RE, validate
 from flowercli.errors import DataError, FlowerError
+from flowercli.fsutil import exclusive_lock
 from flowercli.report import Reporter
 
 
@@ -197,26 +196,10 @@ def _remove_stale_temporaries(layout: DataLayout, report: Reporter) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-@contextmanager
-def _lock(layout: DataLayout) -> Iterator[None]:
+def _lock(layout: DataLayout):
     """One download per data directory at a time (a second one would swap folders under the first)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no advisory lock
-        yield
-        return
-    fd = os.open(layout.downloads / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise DataError(f"another flowercli download is working in {layout.root}; "
-                                "wait for it to finish") from None
-            # A file system without locks (some network mounts): go on unlocked rather than refuse.
-        yield
-    finally:
-        os.close(fd)
+    return exclusive_lock(layout.downloads / ".lock", DataError(
+        f"another flowercli download is working in {layout.root}; wait for it to finish"))
 
 
 def _os_error_message(e: OSError, root: Path) -> str:
