@@ -1,4 +1,5 @@
-"""The command-line interface: parse, call the library, render. Nothing else lives here.
+"""The command-line interface: parse, call the library, show the result (clioutput.py). Nothing else
+lives here: the configs that need more than the options' values are built in cliutil.py.
 
 Heavy libraries (torch, transformers, h5py) are imported inside the commands so that
 `flowercli --help` stays fast.
@@ -9,17 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-from flowercli import __version__
+from flowercli import __version__, clioutput
 from flowercli.cliutil import (
     DataDirOpt,
     QuietOpt,
     RichReporter,
     RunsDirOpt,
     VerboseOpt,
-    emit_json,
+    eval_report_for,
+    generate_config,
     handle_errors,
+    train_config,
+    usage_error,
 )
 from flowercli.cliutil import run_and_checkpoint as _run_and_checkpoint  # the name the commands use
 from flowercli.config import DATA_DIR_ENV, default_data_dir, default_runs_dir
@@ -94,17 +97,7 @@ def download_cmd(
 
     cfg = DownloadConfig(data_dir=data_dir or default_data_dir(), mirror=mirror, captions=captions, force=force)
     manifest = download(cfg, RichReporter(quiet=quiet or as_json, verbose=verbose))
-    info = summary(manifest, DataLayout(cfg.data_dir))
-    if as_json:
-        emit_json(info)
-        return
-    fewer = info["images_with_fewer_than_10_captions"]
-    done = "already complete, verified" if info["status"] == "verified" else "installed"
-    Console(stderr=True, highlight=False, soft_wrap=True).print(
-        f"{info['dataset']}: {info['images']:,} images, {info['classes']} classes, {info['captions']:,} captions"
-        f" ({fewer:,} images with fewer than 10) - {done}.\n"
-        f"Captions: {info['caption_set']['archive']} (sha256 {str(info['caption_set']['sha256'])[:12]}...); "
-        f"class split files: {', '.join(info['split_files']) or 'none'}.", markup=False)
+    clioutput.show_download(summary(manifest, DataLayout(cfg.data_dir)), as_json)
 
 
 # --- end download -----------------------------------------------------------------------------
@@ -158,21 +151,13 @@ def embed_cmd(
       flowercli embed --encoder ./models/my-bert --pooling cls --device cuda
       flowercli embed --encoder minilm --json -q
     """
-    from flowercli.data import read_embeddings_attrs
     from flowercli.embed import embed
 
     cfg = EmbedConfig(
         data_dir=data_dir or default_data_dir(), encoder=encoder, pooling=pooling.value, batch_size=batch_size,
         device=device, max_length=max_length, dtype=dtype.value, normalise=normalise,
     )
-    path = embed(cfg, RichReporter(quiet=quiet or as_json, verbose=verbose))
-    if as_json:
-        attrs = read_embeddings_attrs(path)
-        keys = ("encoder", "pooling", "dim", "max_length", "dtype", "n_images", "n_distinct_captions",
-                "n_truncated", "embed_seconds", "device")
-        emit_json({"path": str(path), **{k: attrs.get(k) for k in keys}})
-    else:
-        typer.echo(str(path))
+    clioutput.show_embed(embed(cfg, RichReporter(quiet=quiet or as_json, verbose=verbose)), as_json)
 
 
 # --- end embed --------------------------------------------------------------------------------
@@ -254,35 +239,14 @@ def train(
       torchrun --nproc_per_node 2 -m flowercli train --name ddp --epochs 10
     """
     from flowercli import train as train_mod
-    from flowercli.cliutil import MOVED_TRAIN_FLAGS, moved_flags_as_set
-    from flowercli.config import DataLayout, parse_set
-    from flowercli.runconfig import build_config
 
     reporter = RichReporter(quiet=quiet, verbose=verbose)
-    given = {k: v for k, v in dict(
-        epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr_g=lr, lr_d=lr_d, seed=seed, device=device,
-        precision=precision, threads=threads, split=split, checkpoint_every=checkpoint_every, keep=keep,
-        eval_every=eval_every, tensorboard=tensorboard,
-    ).items() if v is not None}
-    try:
-        given.update(parse_set(moved_flags_as_set(ctx, MOVED_TRAIN_FLAGS, reporter) + (set_ or [])))
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="'--set'") from None
-    data_dir = data_dir or default_data_dir()
-    runs_dir = runs_dir or default_runs_dir()
-    if embeddings is None and encoder is not None:
-        embeddings = DataLayout(data_dir).embeddings_file(encoder)
-    cfg = build_config(recipe=recipe, data_dir=data_dir, runs_dir=runs_dir, run=run, resume=resume,
-                       embeddings=embeddings, overrides=given)
-    result = train_mod.train(cfg, reporter)
-    if not result.is_main:
-        return
-    if as_json:
-        emit_json({"run_dir": str(result.run_dir), "step": result.step, "epoch": result.epoch,
-                   "checkpoint": str(result.checkpoint) if result.checkpoint else None,
-                   "seconds": round(result.seconds, 2), "images_per_second": round(result.images_per_second, 1)})
-    else:
-        typer.echo(str(result.checkpoint))
+    flags = dict(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr_g=lr, lr_d=lr_d, seed=seed,
+                 device=device, precision=precision, threads=threads, split=split, checkpoint_every=checkpoint_every,
+                 keep=keep, eval_every=eval_every, tensorboard=tensorboard)
+    cfg = train_config(ctx, reporter, flags, set_, recipe=recipe, data_dir=data_dir, runs_dir=runs_dir, run=run,
+                       resume=resume, embeddings=embeddings, encoder=encoder)
+    clioutput.show_train(train_mod.train(cfg, reporter), as_json)
 
 
 # --- end train --------------------------------------------------------------------------------
@@ -339,47 +303,12 @@ def generate(
 
         flowercli generate "a red flower" --seeds 0-7,42 --truncation 0.7
     """
-    from flowercli.errors import InputError
-    from flowercli.generate import check_truncation, parse_seeds
     from flowercli.generate import generate as run_generate
 
-    seed_list = None
-    try:
-        if seeds is not None:
-            if n is not None or seed is not None:
-                raise InputError(f"--seeds: not together with {'-n' if n is not None else '--seed'} (--seeds lists "
-                                 "every image; --seed S -n N means the seeds S to S+N-1)")
-            seed_list = tuple(parse_seeds(seeds))
-        check_truncation(truncation)
-    except InputError as e:
-        raise typer.BadParameter(str(e).removeprefix("--seeds: ").removeprefix("--truncation "),
-                                 param_hint="'--truncation'" if "--truncation" in str(e) else "'--seeds'") from None
-
-    all_prompts = list(prompts or [])
-    if prompts_file is not None:
-        try:
-            raw = prompts_file.read_bytes().decode("utf-8")
-        except OSError as e:
-            raise InputError(f"cannot read --prompts-file {prompts_file}: {e.strerror}; check the path") from None
-        except UnicodeDecodeError:
-            raise InputError(f"--prompts-file {prompts_file} is not UTF-8 text; save it as UTF-8 "
-                             "(e.g. iconv -t UTF-8)") from None
-        all_prompts += [line for line in raw.splitlines() if line.strip()]
-    pair = None
-    if interpolate:
-        if len(interpolate) != 2:
-            raise InputError("--interpolate takes exactly two captions: --interpolate \"A\" --interpolate \"B\"")
-        pair = (interpolate[0], interpolate[1])
-    cfg = GenerateConfig(prompts=tuple(all_prompts), checkpoint=checkpoint, runs_dir=runs_dir or default_runs_dir(),
-                         out=out, n=_GEN.n if n is None else n, seed=_GEN.seed if seed is None else seed,
-                         device=device, interpolate=pair,
-                         steps=steps, sample_condition=sample_condition, seeds=seed_list, truncation=truncation)
-    records = run_generate(cfg, RichReporter(quiet=quiet, verbose=verbose))
-    for r in records:
-        if as_json:
-            emit_json(r)
-        else:
-            typer.echo(r["path"])
+    cfg = generate_config(prompts, prompts_file, interpolate, seeds, n=n, seed=seed, truncation=truncation,
+                          checkpoint=checkpoint, runs_dir=runs_dir or default_runs_dir(), out=out, device=device,
+                          steps=steps, sample_condition=sample_condition)
+    clioutput.show_generated(run_generate(cfg, RichReporter(quiet=quiet, verbose=verbose)), as_json)
 
 
 # --- end generate -----------------------------------------------------------------------------
@@ -426,7 +355,6 @@ def eval_(
       flowercli eval --checkpoint runs/my-run/checkpoints/step-0010000.pt --split train
       flowercli eval --run my-run --sample-condition
     """
-    from flowercli.cliutil import eval_table
     from flowercli.generate import load_generator
     from flowercli.metrics.evaluate import evaluate
 
@@ -439,12 +367,7 @@ def eval_(
     reporter.debug(f"checkpoint {generator.checkpoint}")
     cfg = EvalConfig(data_dir=data_dir, out_dir=run_dir / "eval", n=n, seed=seed, split=split,
                      batch_size=batch_size, device=device, inception=inception)
-    report = evaluate(cfg, generator, reporter)
-    if as_json:
-        emit_json(report)
-    else:
-        Console(highlight=False, soft_wrap=True).print(eval_table(report))
-        reporter.info(f"Report: {run_dir / 'eval' / 'report.json'}; samples: {run_dir / 'eval' / 'samples.png'}")
+    clioutput.show_eval(evaluate(cfg, generator, reporter), as_json, reporter, cfg.out_dir)
 
 
 # --- end eval ---------------------------------------------------------------------------------
@@ -480,39 +403,19 @@ def export(
 
         flowercli generate "pink petals" --checkpoint my-flowers.safetensors
     """
-    import json as _json
-
     from flowercli.checkpoint import export_format, export_generator
     from flowercli.errors import InputError
     from flowercli.modelcard import write_model_card
 
-    try:
+    with usage_error("'OUT'", InputError):
         export_format(out)
-    except InputError as e:
-        raise typer.BadParameter(str(e), param_hint="'OUT'") from None
     # --checkpoint overrides --run here (the run is not even looked up).
     run_dir, checkpoint = _run_and_checkpoint(None if checkpoint else run, checkpoint, runs_dir or default_runs_dir(),
                                               "say what to export")
-    meta = {}
-    report_path = run_dir / "eval" / "report.json"
-    if report_path.is_file():
-        try:
-            report = _json.loads(report_path.read_text())
-        except (OSError, ValueError):
-            report = None
-        if report and Path(str(report.get("run", {}).get("checkpoint", ""))).name == checkpoint.name:
-            meta["eval"] = report
-    path = export_generator(checkpoint, out, meta, half=not fp32)
-    card_path = write_model_card(path) if card else None
-    size = path.stat().st_size
-    RichReporter(quiet=quiet, verbose=verbose).info(
-        f"Exported {checkpoint} ({size / 2**20:.1f} MiB{', with its eval report' if 'eval' in meta else ''})"
-        + (f"; model card {card_path}" if card_path else ""))
-    if as_json:
-        emit_json({"path": str(path), "bytes": size, "card": str(card_path) if card_path else None,
-                   "checkpoint": str(checkpoint), "eval": "eval" in meta})
-    else:
-        typer.echo(str(path))
+    report = eval_report_for(run_dir, checkpoint)
+    path = export_generator(checkpoint, out, {"eval": report} if report else {}, half=not fp32)
+    clioutput.show_export(path, write_model_card(path) if card else None, checkpoint, report is not None, as_json,
+                          RichReporter(quiet=quiet, verbose=verbose))
 
 
 # --- end export -------------------------------------------------------------------------------
@@ -546,15 +449,10 @@ def report_cmd(
         watch -n 60 flowercli report my-run
     """
     from flowercli.config import ReportConfig
-    from flowercli.runreport import make_report, summary_lines
+    from flowercli.runreport import make_report
 
     cfg = ReportConfig(run=run, runs_dir=runs_dir or default_runs_dir(), out=out)
-    summary = make_report(cfg, RichReporter(quiet=quiet, verbose=verbose))
-    if as_json:
-        emit_json(summary)
-    else:
-        for line in summary_lines(summary):
-            typer.echo(line)
+    clioutput.show_report(make_report(cfg, RichReporter(quiet=quiet, verbose=verbose)), as_json)
 
 
 # --- end report -------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """What the commands of cli.py share: progress and errors on stderr, JSON on stdout, the common
-options, run/checkpoint resolution, the `train` flags that moved behind --set, and the eval table.
+options, usage errors, run/checkpoint resolution, and the configs that `train` (with its flags that
+moved behind --set) and `generate` build from their options. How results are shown is clioutput.py.
 
 Like cli.py it imports no heavy library at module level: `flowercli --help` stays fast.
 """
@@ -14,12 +15,23 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
 
-from flowercli.config import DATA_DIR_ENV, RUNS_DIR_ENV, TrainConfig, settable_fields
-from flowercli.errors import FlowerError, Interrupted
+from flowercli.config import (
+    DATA_DIR_ENV,
+    RUNS_DIR_ENV,
+    DataLayout,
+    GenerateConfig,
+    TrainConfig,
+    default_data_dir,
+    default_runs_dir,
+    parse_set,
+    settable_fields,
+)
+from flowercli.errors import FlowerError, InputError, Interrupted
 from flowercli.report import Reporter, Task
 
 
@@ -102,6 +114,15 @@ def handle_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+@contextmanager
+def usage_error(param_hint: str, *errors: type[Exception]) -> Iterator[None]:
+    """`errors` raised inside become click's usage error on `param_hint`: its message, exit 2."""
+    try:
+        yield
+    except errors as e:
+        raise typer.BadParameter(str(e), param_hint=param_hint) from None
+
+
 def emit_json(obj: object) -> None:
     """One JSON document per line on stdout, for scripts."""
     sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
@@ -126,6 +147,20 @@ def run_and_checkpoint(run: str | None, checkpoint: Path | None, runs: Path, ask
     from flowercli.checkpoint import resolve_run_checkpoint
 
     return resolve_run_checkpoint(run, checkpoint, runs, ask)
+
+
+def eval_report_for(run_dir: Path, checkpoint: Path) -> dict | None:
+    """<run>/eval/report.json where it evaluated this checkpoint (the same file name), else None.
+
+    An unreadable or foreign report is left out, not an error: the export works without it."""
+    try:
+        report = json.loads((run_dir / "eval" / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    run = report.get("run") if isinstance(report, dict) else None
+    if isinstance(run, dict) and Path(str(run.get("checkpoint", ""))).name == checkpoint.name:
+        return report
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,90 +213,67 @@ def moved_flags_as_set(ctx: typer.Context, moved: dict[str, str], reporter: Repo
     return items
 
 
+def train_config(ctx: typer.Context, reporter: Reporter, flags: dict[str, Any], set_items: list[str] | None, *,
+                 recipe: str, data_dir: Path | None, runs_dir: Path | None, run: str | None, resume: bool,
+                 embeddings: Path | None, encoder: str | None) -> TrainConfig:
+    """`train`'s options -> the run's TrainConfig (runconfig.build_config: the recipe, then the overrides).
+
+    `flags` are the training fields of train's own options, None where not given (then the recipe's,
+    or the run's on --resume). The moved flags and --set win over them; a bad --set item is a usage
+    error (exit 2). --encoder picks <data>/embeddings/<encoder>.h5 unless --embeddings names a file."""
+    from flowercli.runconfig import build_config  # imports torch (through losses and models)
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    with usage_error("'--set'", ValueError):
+        given.update(parse_set(moved_flags_as_set(ctx, MOVED_TRAIN_FLAGS, reporter) + (set_items or [])))
+    data_dir = data_dir or default_data_dir()
+    if embeddings is None and encoder is not None:
+        embeddings = DataLayout(data_dir).embeddings_file(encoder)
+    return build_config(recipe=recipe, data_dir=data_dir, runs_dir=runs_dir or default_runs_dir(), run=run,
+                        resume=resume, embeddings=embeddings, overrides=given)
+
+
 # ---------------------------------------------------------------------------------------------
-# The eval report as a table.
+# `generate`'s options.
 
 
-def eval_table(report: dict):
-    """The report as a rich table: every number beside its real-data ceiling and the N behind each."""
-    from rich import box
-    from rich.table import Table
+def generate_config(prompts: list[str] | None, prompts_file: Path | None, interpolate: list[str] | None,
+                    seeds: str | None, n: int | None, seed: int | None, truncation: float,
+                    **fields: Any) -> GenerateConfig:
+    """`generate`'s options -> GenerateConfig; `fields` (checkpoint, out, device, ...) pass unchanged.
 
-    def pct(x):
-        return "n/a" if x is None else f"{100 * x:.1f}%"
+    The prompts are the arguments, then the non-blank lines of --prompts-file. --seeds lists every
+    image, so it does not combine with -n or --seed (None: not given, GenerateConfig's default). A bad
+    --seeds or --truncation is a usage error on that option (exit 2), as Typer's own checks are."""
+    from flowercli.generate import check_truncation, parse_seeds  # imports torch
 
-    def num(x):
-        return "n/a" if x is None else f"{x:.2f}"
+    seed_list = None
+    try:
+        if seeds is not None:
+            if n is not None or seed is not None:
+                raise InputError(f"--seeds: not together with {'-n' if n is not None else '--seed'} (--seeds lists "
+                                 "every image; --seed S -n N means the seeds S to S+N-1)")
+            seed_list = tuple(parse_seeds(seeds))
+        check_truncation(truncation)
+    except InputError as e:
+        raise typer.BadParameter(str(e).removeprefix("--seeds: ").removeprefix("--truncation "),
+                                 param_hint="'--truncation'" if "--truncation" in str(e) else "'--seeds'") from None
 
-    fid, run, acc, col = report["fid"], report["run"], report["class_accuracy"], report["colour"]
-    split = report["protocol"]["split"]
-    caps = report.get("caption_set") or {}
-    cap_data, cap_gen = caps.get("data") or {}, caps.get("generator") or {}
-    table = Table(title=f"flowercli eval: {split} split of a '{run['split_mode']}' run, {run['image_size']}px, "
-                        f"step {run.get('step')}, captions {cap_data.get('archive', 'unknown')}",
-                  title_justify="left", box=box.SIMPLE_HEAD)
-    for name, justify in (("metric", "left"), ("value", "right"), ("ceiling", "right"), ("N gen", "right"),
-                          ("N real", "right")):
-        table.add_column(name, justify=justify)
-    unseen = " unseen" if acc.get(split, {}).get("unseen_classes") else ""
-    table.add_row(f"FID ({split}{unseen})", num(fid["value"]), num(fid["ceiling"]["value"]),
-                  str(fid["n_generated"]), f"{fid['n_real']}; {fid['ceiling']['n_a']}+{fid['ceiling']['n_b']}")
-    diversity_rows, diversity_caption = _diversity_rows(report.get("diversity"), num)
-    for row in diversity_rows:
-        table.add_row(*row)
-    for name in ("test", "train"):
-        if name not in acc:
-            continue
-        a = acc[name]
-        what = name + (" unseen" if a.get("unseen_classes") else "")
-        for k in ("top1", "top5"):
-            table.add_row(f"class {k[:3]}-{k[3:]} ({what})", pct(a[k]), pct(a["ceiling"][k]), str(a["n"]),
-                          str(a["ceiling"]["n"]))
-    table.add_row("colour agreement", pct(col.get("agreement")), pct(col["ceiling"]["agreement"]),
-                  str(col.get("n", 0)), f"{col['ceiling']['n_captions']} capt.")
-    sn = report.get("species_names") or {}
-    if sn.get("skipped"):
-        table.add_row("species names", "skipped", "", "0", "")
-    for group, what in (("train", "training species"), ("unseen", "unseen species")):
-        g = sn.get(group) or {}
-        for k in ("top1", "top5") if g.get("classes") else ():
-            table.add_row(f"name {k[:3]}-{k[3:]} ({what})", pct(g[k]), pct(g["ceiling"][k]), str(g["n"]),
-                          str(g["ceiling"]["n"]))
-    clf, inc = acc["classifier"], report["inception"]
-    table.caption = (f"Ceilings: FID of two disjoint halves of the real {split} images; the real-image "
-                     f"classifier on held-out real images of the same classes ({clf['classes']} classes, overall "
-                     f"top-1 {pct(clf['top1'])}); the colour rule on real images vs their own captions. "
-                     f"Inception: {inc['origin']}, sha256 {inc['sha256'][:12]}, {inc['precision']}.")
-    if sn.get("n"):
-        table.caption += (f" Species names: every class's name in {len(sn['templates'])} sentences x "
-                          f"{sn['seeds_per_template']} seeds.")
-
-    def caption_set(c: dict) -> str:
-        sha = str(c.get("sha256", "unknown"))
-        return "unknown" if sha == "unknown" else f"{c.get('archive', 'unknown')} (sha256 {sha[:12]})"
-
-    trained = ("the set the generator was trained on" if caps.get("same")
-               else f"the generator was trained on: {caption_set(cap_gen)}")
-    table.caption += f" Captions: {caption_set(cap_data)}; {trained}."
-    table.caption += diversity_caption
-    table.caption_justify = "left"
-    return table
-
-
-def _diversity_rows(div: dict | None, num: Callable) -> tuple[list[tuple[str, ...]], str]:
-    """Table rows and a caption sentence for report["diversity"] (none for reports without it)."""
-    if not div:
-        return [], ""
-    c = div["ceiling"]
-    rows = [(f"{name} (k={div['k']})", num(div[name]), num(c[name]), str(div["n_generated"]),
-             f"{div['n_real']}; {c['n_a']}+{c['n_b']}") for name in ("precision", "recall", "density", "coverage")]
-    wp = div["within_prompt"]
-    for space in ("features", "pixels") if wp["prompts"] else ():
-        s = wp[space]
-        # The spread over captions on a row of its own: a wide value column would squeeze the labels.
-        rows += [(f"within-prompt ({space})", num(s["mean"]), num(wp["ceiling"]), f"{wp['prompts']}x{wp['seeds']}",
-                  f"{wp['real_per_class']['max']}/class"),
-                 ("  10th / 90th pct.", f"{num(s['p10'])}/{num(s['p90'])}", "", "", "")]
-    return rows, (" Diversity ceilings: precision/recall/density/coverage of one real half against the other; "
-                  "within-prompt (mean over captions): the spread among one caption's images over that among "
-                  "real images of its class, 1 for real images.")
+    all_prompts = list(prompts or [])
+    if prompts_file is not None:
+        try:
+            raw = prompts_file.read_bytes().decode("utf-8")
+        except OSError as e:
+            raise InputError(f"cannot read --prompts-file {prompts_file}: {e.strerror}; check the path") from None
+        except UnicodeDecodeError:
+            raise InputError(f"--prompts-file {prompts_file} is not UTF-8 text; save it as UTF-8 "
+                             "(e.g. iconv -t UTF-8)") from None
+        all_prompts += [line for line in raw.splitlines() if line.strip()]
+    pair = None
+    if interpolate:
+        if len(interpolate) != 2:
+            raise InputError("--interpolate takes exactly two captions: --interpolate \"A\" --interpolate \"B\"")
+        pair = (interpolate[0], interpolate[1])
+    return GenerateConfig(prompts=tuple(all_prompts), n=GenerateConfig.n if n is None else n,
+                          seed=GenerateConfig.seed if seed is None else seed, seeds=seed_list, truncation=truncation,
+                          interpolate=pair, **fields)

@@ -160,6 +160,18 @@ def test_eval_reads_safetensors_and_export_carries_its_figures(checkpoint, embed
     assert str(runs).encode() not in (tmp_path / "r.safetensors").read_bytes()
 
 
+@pytest.mark.parametrize("text", ['[1]', '{"run": "g"}', '{"run": {"checkpoint": "runs/h/checkpoints/other.pt"}}', "{cut"])
+def test_export_leaves_out_a_report_that_is_not_its_checkpoints(checkpoint, tmp_path, text):
+    """Another checkpoint's report, or a report.json that is no report at all, stays out (no traceback)."""
+    runs = tmp_path / "runs"
+    shutil.copytree(checkpoint.parent.parent, runs / "g")
+    (runs / "g" / "eval").mkdir(exist_ok=True)
+    (runs / "g" / "eval" / "report.json").write_text(text)
+    r = runner.invoke(app, ["export", str(tmp_path / "m.pt"), "--run", "g", "--runs-dir", str(runs), "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["eval"] is False and "Traceback" not in r.output
+
+
 def test_packaged_model_is_safetensors_with_its_card_and_no_machine_paths():
     from flowercli.checkpoint import load_checkpoint
     from flowercli.generate import PACKAGED
