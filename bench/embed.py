@@ -64,7 +64,7 @@ def compare_naive(data_dir: Path, limit: int, batch_size: int, device: str) -> d
 
     from flowercli import data
     from flowercli.config import DataLayout
-    from flowercli.embed import TextEncoder
+    from flowercli.textencoder import TextEncoder
 
     layout = DataLayout(data_dir)
     labels = data.read_labels(layout)

@@ -141,7 +141,7 @@ def load_encoder(folder: Path) -> Encoder:
 
 class Tokenizer:
     """The folder's tokenizer.json through the `tokenizers` library, with the slice of the
-    transformers tokenizer API that flowercli.embed uses."""
+    transformers tokenizer API that flowercli.textencoder uses."""
 
     def __init__(self, folder: Path):
         from tokenizers import Tokenizer as _Tokenizer

@@ -56,7 +56,7 @@ class LoadedGenerator:
     def text_encoder(self):
         """The encoder that made the training vectors, loaded on first use."""
         if self._encoder is None:
-            from flowercli.embed import TextEncoder
+            from flowercli.textencoder import TextEncoder
 
             info = self.encoder_info
             try:

@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 from flowercli.cli import app
 from flowercli.config import DataLayout, EmbedConfig
 from flowercli.data import open_embeddings
-from flowercli.embed import TextEncoder, embed, resolve_encoder, unique_texts
+from flowercli.embed import embed
 from flowercli.errors import EncoderError, InputError
+from flowercli.textencoder import TextEncoder, resolve_encoder, unique_texts
 
 from conftest import N_IMAGES, captions_for
 
@@ -216,7 +217,7 @@ def test_loading_a_bert_family_encoder_does_not_import_transformers(tiny_roberta
     import subprocess
     import sys
 
-    code = ("import sys; from flowercli.embed import TextEncoder; "
+    code = ("import sys; from flowercli.textencoder import TextEncoder; "
             f"e = TextEncoder.load({str(tiny_roberta)!r}, device='cpu'); e.encode(['a red flower']); "
             "print('transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -25,11 +25,12 @@ from flowercli.data import (
     write_embeddings,
 )
 from flowercli.device import StepOptions
-from flowercli.embed import TextEncoder, add_name_vectors
+from flowercli.embed import add_name_vectors
 from flowercli.errors import DataError, InputError
 from flowercli.report import ListReporter
 from flowercli.rng import step_generator
 from flowercli.runconfig import make_config
+from flowercli.textencoder import TextEncoder
 from flowercli.train import train
 from flowercli.traindata import load_train_data, make_batch
 
