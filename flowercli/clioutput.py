@@ -180,8 +180,9 @@ def _diversity_rows(div: dict | None, num: Callable) -> tuple[list[tuple[str, ..
     if not div:
         return [], ""
     c = div["ceiling"]
-    rows = [(f"{name} (k={div['k']})", num(div[name]), num(c[name]), str(div["n_generated"]),
-             f"{div['n_real']}; {c['n_a']}+{c['n_b']}") for name in ("precision", "recall", "density", "coverage")]
+    rows: list[tuple[str, ...]] = [
+        (f"{name} (k={div['k']})", num(div[name]), num(c[name]), str(div["n_generated"]),
+         f"{div['n_real']}; {c['n_a']}+{c['n_b']}") for name in ("precision", "recall", "density", "coverage")]
     wp = div["within_prompt"]
     for space in ("features", "pixels") if wp["prompts"] else ():
         s = wp[space]
