@@ -36,8 +36,8 @@ def cpu_seconds() -> float:
 
 def run_embed(data_dir: Path, batch_size: int, device: str) -> dict:
     from flowercli.config import DataLayout, EmbedConfig
-    from flowercli.data import open_embeddings
     from flowercli.embed import embed
+    from flowercli.embeddings import open_embeddings
 
     with tempfile.TemporaryDirectory(prefix="flowercli-bench-") as tmp:
         root = Path(tmp)

@@ -63,7 +63,7 @@ class WordFeatures:
 def build(args) -> None:
     from dataclasses import replace
 
-    from flowercli.data import open_embeddings, write_embeddings
+    from flowercli.embeddings import open_embeddings, write_embeddings
     from flowercli.metrics import evaluate as ev
 
     emb = open_embeddings(Path(args.embeddings))

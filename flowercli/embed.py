@@ -89,6 +89,7 @@ def _class_name_vectors(layout: DataLayout, labels: np.ndarray, encoder: TextEnc
 def embed(cfg: EmbedConfig, report: Reporter = Reporter()) -> Path:
     """Embed every caption of the dataset under `cfg.data_dir`; return the HDF5 file written."""
     from flowercli import data
+    from flowercli.embeddings import Embeddings, write_embeddings
 
     _validate(cfg)
     layout = DataLayout(Path(cfg.data_dir))
@@ -135,11 +136,11 @@ def embed(cfg: EmbedConfig, report: Reporter = Reporter()) -> Path:
              "n_distinct_captions": len(uniq), "n_truncated": n_truncated, "device": str(encoder.device),
              "embed_seconds": round(seconds, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
              **data.read_caption_set(layout)}
-    emb = data.Embeddings(path=None, captions=[list(c) for c in padded], vectors=vectors,
-                          n_captions=np.array(n_real, dtype=np.int64), labels=labels, image_ids=image_ids,
-                          split=split, class_split=class_split, attrs=attrs, name_captions=name_caps,
-                          name_vectors=name_vecs)
-    out = data.write_embeddings(out_path, emb)
+    emb = Embeddings(path=None, captions=[list(c) for c in padded], vectors=vectors,
+                     n_captions=np.array(n_real, dtype=np.int64), labels=labels, image_ids=image_ids,
+                     split=split, class_split=class_split, attrs=attrs, name_captions=name_caps,
+                     name_vectors=name_vecs)
+    out = write_embeddings(out_path, emb)
     report.info(f"Wrote {out}: vectors {vectors.shape} {cfg.dtype}, {len(flat) / max(seconds, 1e-9):.0f} captions/s "
                 f"({len(uniq)} distinct embedded in {seconds:.1f} s; total {time.perf_counter() - t0:.1f} s)")
     return out
@@ -154,9 +155,10 @@ def add_name_vectors(path: Path, names: Sequence[str], device: str = "auto", bat
     name vectors are what `embed` would have made. The rewrite is atomic (temp file, rename).
     """
     from flowercli import data
+    from flowercli.embeddings import open_embeddings, write_embeddings
 
     path = Path(path)
-    emb = data.open_embeddings(path)
+    emb = open_embeddings(path)
     names = list(names)
     if not _names_cover(names, emb.labels):
         raise DataError(f"the class names name {len(names)} classes but {path} has labels up to "
@@ -181,7 +183,7 @@ def add_name_vectors(path: Path, names: Sequence[str], device: str = "auto", bat
     emb.name_captions, emb.name_vectors = embed_names(encoder, names, batch_size, bool(attrs.get("normalised")),
                                                       str(emb.vectors.dtype))
     mtime = path.stat().st_mtime_ns
-    data.write_embeddings(path, emb)
+    write_embeddings(path, emb)
     # Same captions, same vectors: keep the file's age, which picks the default embeddings of `train`.
     os.utime(path, ns=(time.time_ns(), mtime))
     return True

@@ -53,7 +53,7 @@ def find_embeddings(layout: DataLayout) -> Path:
 
 
 def load_train_data(cfg: TrainConfig, emb_path: Path, report: Reporter = Reporter()) -> TrainData:
-    from flowercli.data import open_embeddings, select_split
+    from flowercli.embeddings import open_embeddings, select_split
     from flowercli.images import load_images
 
     layout = DataLayout(cfg.data_dir)
@@ -102,8 +102,9 @@ def load_train_data(cfg: TrainConfig, emb_path: Path, report: Reporter = Reporte
 def _with_name_vectors(emb, emb_path: Path, layout: DataLayout, device: str, report: Reporter):
     """`emb` with the species-name vectors of classnames.txt: embedded into its file first when it
     predates them (or holds those of other names or templates), so it need not be embedded again."""
-    from flowercli.data import name_captions, open_embeddings, read_class_names
+    from flowercli.data import name_captions, read_class_names
     from flowercli.embed import add_name_vectors
+    from flowercli.embeddings import open_embeddings
 
     names = read_class_names(layout)
     if names is None and emb.name_vectors is not None:

@@ -145,7 +145,7 @@ def _odd_embed(ctx: Ctx) -> list[str]:
 
 
 def _odd_embed_check(ctx: Ctx) -> None:
-    from flowercli.data import read_embeddings_attrs
+    from flowercli.embeddings import read_embeddings_attrs
 
     path, = (ctx.tmp / "dätä dir ✿" / "embeddings").glob("tiny-*.h5")
     attrs = read_embeddings_attrs(path)

@@ -1,4 +1,4 @@
-"""flowercli.data: reading the dataset folder, and the embeddings HDF5 schema."""
+"""flowercli.data and flowercli.embeddings: reading the dataset folder, and the embeddings HDF5 schema."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from flowercli import data
+from flowercli import data, embeddings
 from flowercli.config import DataLayout
 from flowercli.errors import DataError
 
@@ -93,9 +93,9 @@ def test_corrupt_mat_is_a_data_error(layout):
 # Embeddings HDF5
 
 
-def sample_embeddings(n: int = 5, d: int = 8, dtype=np.float16) -> data.Embeddings:
+def sample_embeddings(n: int = 5, d: int = 8, dtype=np.float16) -> embeddings.Embeddings:
     rng = np.random.default_rng(0)
-    return data.Embeddings(
+    return embeddings.Embeddings(
         path=None,
         captions=[[f"caption {i}.{j} ünïcode" for j in range(10)] for i in range(n)],
         vectors=rng.normal(size=(n, 10, d)).astype(dtype),
@@ -111,8 +111,8 @@ def sample_embeddings(n: int = 5, d: int = 8, dtype=np.float16) -> data.Embeddin
 
 def test_schema_round_trip(tmp_path):
     emb = sample_embeddings()
-    path = data.write_embeddings(tmp_path / "e" / "x.h5", emb)
-    back = data.open_embeddings(path)
+    path = embeddings.write_embeddings(tmp_path / "e" / "x.h5", emb)
+    back = embeddings.open_embeddings(path)
     assert back.path == path and len(back) == 5
     assert back.captions == emb.captions
     assert back.vectors.dtype == np.float16 and np.array_equal(back.vectors, emb.vectors)
@@ -120,8 +120,8 @@ def test_schema_round_trip(tmp_path):
         assert np.array_equal(getattr(back, name), getattr(emb, name)), name
     assert back.split.dtype.kind == "U"
     assert back.dim == 8 and back.encoder == "some/encoder"
-    attrs = data.read_embeddings_attrs(path)
-    assert attrs["schema_version"] == data.SCHEMA_VERSION and attrs["dim"] == 8
+    attrs = embeddings.read_embeddings_attrs(path)
+    assert attrs["schema_version"] == embeddings.SCHEMA_VERSION and attrs["dim"] == 8
     assert attrs["pooling"] == "mean" and attrs["normalised"] is False
     assert type(attrs["max_length"]) is int  # plain Python, JSON-ready
     with h5py.File(path) as f:  # the on-disk schema other tools rely on
@@ -132,7 +132,7 @@ def test_schema_round_trip(tmp_path):
 
 def test_float32_vectors_round_trip(tmp_path):
     emb = sample_embeddings(dtype=np.float32)
-    back = data.open_embeddings(data.write_embeddings(tmp_path / "x.h5", emb))
+    back = embeddings.open_embeddings(embeddings.write_embeddings(tmp_path / "x.h5", emb))
     assert back.vectors.dtype == np.float32 and np.array_equal(back.vectors, emb.vectors)
 
 
@@ -140,42 +140,50 @@ def test_write_refuses_bad_shapes(tmp_path):
     emb = sample_embeddings()
     emb.vectors = emb.vectors[:, :5]
     with pytest.raises(ValueError, match="vectors"):
-        data.write_embeddings(tmp_path / "x.h5", emb)
+        embeddings.write_embeddings(tmp_path / "x.h5", emb)
     assert not (tmp_path / "x.h5").exists()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
 def test_corrupt_or_truncated_file_is_a_one_line_data_error(tmp_path, damage):
-    path = data.write_embeddings(tmp_path / "x.h5", sample_embeddings(n=5, d=256))
+    path = embeddings.write_embeddings(tmp_path / "x.h5", sample_embeddings(n=5, d=256))
     raw = path.read_bytes()
     path.write_bytes({"truncate": raw[: len(raw) // 2], "garbage": b"\x00junk" * 999, "empty": b""}[damage])
     with pytest.raises(DataError) as info:
-        data.open_embeddings(path)
+        embeddings.open_embeddings(path)
     msg = str(info.value)
     assert str(path) in msg and "\n" not in msg and "corrupt or truncated" in msg
 
 
 def test_missing_file_and_wrong_schema(tmp_path):
     with pytest.raises(DataError, match="not found.*flowercli embed"):
-        data.open_embeddings(tmp_path / "nope.h5")
-    path = data.write_embeddings(tmp_path / "x.h5", sample_embeddings())
+        embeddings.open_embeddings(tmp_path / "nope.h5")
+    path = embeddings.write_embeddings(tmp_path / "x.h5", sample_embeddings())
     with h5py.File(path, "r+") as f:
         f.attrs["schema_version"] = 99
-    for reader in (data.open_embeddings, data.read_embeddings_attrs):
+    for reader in (embeddings.open_embeddings, embeddings.read_embeddings_attrs):
         with pytest.raises(DataError, match=r"x\.h5 has schema_version 99"):
             reader(path)
     with h5py.File(path, "r+") as f:
-        f.attrs["schema_version"] = data.SCHEMA_VERSION
+        f.attrs["schema_version"] = embeddings.SCHEMA_VERSION
         del f["n_captions"]
     with pytest.raises(DataError, match="lacks dataset.*n_captions"):
-        data.open_embeddings(path)
+        embeddings.open_embeddings(path)
+
+
+def test_the_two_readers_still_load_from_data_and_nothing_else_does():
+    # open_embeddings and read_embeddings_attrs live in flowercli.embeddings; data hands out only those two.
+    assert data.open_embeddings is embeddings.open_embeddings
+    assert data.read_embeddings_attrs is embeddings.read_embeddings_attrs
+    with pytest.raises(AttributeError, match="write_embeddings"):
+        data.write_embeddings  # noqa: B018
 
 
 def test_write_is_atomic(tmp_path, monkeypatch):
     """A writer that fails midway leaves neither a final file nor a temp file; an old file survives."""
     path = tmp_path / "x.h5"
     old = sample_embeddings()
-    data.write_embeddings(path, old)
+    embeddings.write_embeddings(path, old)
     before = path.read_bytes()
 
     real = h5py.Group.create_dataset
@@ -189,10 +197,10 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     new = sample_embeddings()
     new.vectors = new.vectors * 2
     with pytest.raises(RuntimeError, match="disk on fire"):
-        data.write_embeddings(path, new)
+        embeddings.write_embeddings(path, new)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.h5"]
     fresh = tmp_path / "fresh.h5"
     with pytest.raises(RuntimeError):
-        data.write_embeddings(fresh, new)
+        embeddings.write_embeddings(fresh, new)
     assert not fresh.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["x.h5"]

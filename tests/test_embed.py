@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from flowercli.cli import app
 from flowercli.config import DataLayout, EmbedConfig
-from flowercli.data import open_embeddings
 from flowercli.embed import embed
+from flowercli.embeddings import open_embeddings
 from flowercli.errors import EncoderError, InputError
 from flowercli.textencoder import TextEncoder, resolve_encoder, unique_texts
 

@@ -217,7 +217,7 @@ def test_train_split_and_bad_settings(data, tiny_net):
 
 def test_evaluate_reads_the_run_embeddings_file(embedded_dir, tiny_net, tmp_path):
     """Through the real HDF5 reader: the embeddings path recorded in the run's metadata."""
-    from flowercli.data import open_embeddings
+    from flowercli.embeddings import open_embeddings
 
     data = tmp_path / "data"
     shutil.copytree(embedded_dir, data)

@@ -16,16 +16,10 @@ from typer.testing import CliRunner
 
 from flowercli.cli import app
 from flowercli.config import DataLayout
-from flowercli.data import (
-    NAME_TEMPLATES,
-    name_caption,
-    name_captions,
-    open_embeddings,
-    read_class_names,
-    write_embeddings,
-)
+from flowercli.data import NAME_TEMPLATES, name_caption, name_captions, read_class_names
 from flowercli.device import StepOptions
 from flowercli.embed import add_name_vectors
+from flowercli.embeddings import open_embeddings, write_embeddings
 from flowercli.errors import DataError, InputError
 from flowercli.report import ListReporter
 from flowercli.rng import step_generator

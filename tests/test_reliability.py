@@ -295,8 +295,8 @@ def _kill_when(proc: subprocess.Popen, ready, delay: float, timeout: float = 90)
 
 
 def test_sigkill_during_embed_leaves_no_hdf5_and_a_rerun_completes(dataset_dir, tiny_roberta, tmp_path):
-    from flowercli.data import open_embeddings
     from flowercli.embed import embed
+    from flowercli.embeddings import open_embeddings
 
     data = tmp_path / "data"
     shutil.copytree(dataset_dir / "oxford102", data / "oxford102")

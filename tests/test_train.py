@@ -123,7 +123,7 @@ def test_existing_run_needs_resume_and_compatible_config(tmp_path, embedded_dir)
 def test_resume_refuses_other_encoder(tmp_path, embedded_dir):
     import shutil
 
-    from flowercli.data import open_embeddings, write_embeddings
+    from flowercli.embeddings import open_embeddings, write_embeddings
 
     cfg = tiny_config(tmp_path, embedded_dir, max_steps=2)
     train(cfg)
@@ -143,7 +143,7 @@ def test_resume_refuses_other_captions_or_encoder_build(tmp_path, embedded_dir):
     """The same embeddings file, re-embedded from another caption set or another encoder build."""
     import shutil
 
-    from flowercli.data import open_embeddings, write_embeddings
+    from flowercli.embeddings import open_embeddings, write_embeddings
 
     data = Path(shutil.copytree(embedded_dir, tmp_path / "data"))
     h5 = next((data / "embeddings").glob("*.h5"))

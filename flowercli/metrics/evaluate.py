@@ -45,7 +45,7 @@ SEED_OFFSETS = {"main": 0, "other": 1_000_000, "colour": 2_000_000, "diversity":
 
 def load_embeddings(path: Path):
     """Indirection so tests can hand in embeddings without an HDF5 file."""
-    from flowercli.data import open_embeddings
+    from flowercli.embeddings import open_embeddings
 
     return open_embeddings(path)
 
@@ -56,7 +56,7 @@ def load_embeddings(path: Path):
 
 def split_masks(emb, mode: str | None) -> tuple[str, np.ndarray, np.ndarray]:
     """(mode, training rows, held-out rows): the run's own split, by training's rule itself."""
-    from flowercli.data import select_split
+    from flowercli.embeddings import select_split
 
     mode, train, held = select_split(emb, mode or "auto")
     if mode == "all":
