@@ -155,20 +155,23 @@ def train(cfg: TrainConfig, report: Reporter = Reporter()) -> TrainResult:
                     # quick FID too, which best.pt then points at), logging.
                     end_of_epoch = step % steps_per_epoch == 0
                     due = quick is not None and quick.due(step, total_steps) and not stop_now
-                    scores = quick.measure(nets.G_ema, step) if due else None
+                    with log.paused():
+                        scores = quick.measure(nets.G_ema, step) if due else None
                     if is_main and end_of_epoch and ((step // steps_per_epoch) % cfg.sample_every == 0
                                                      or step == total_steps):
-                        grid = _save_samples(nets.G_ema, data, cfg, device, run_dir, step // steps_per_epoch)
-                        if tb:
-                            tb.samples(grid, step)
+                        with log.paused():
+                            grid = _save_samples(nets.G_ema, data, cfg, device, run_dir, step // steps_per_epoch)
+                            if tb:
+                                tb.samples(grid, step)
                     # The step's log line comes before its checkpoint: a run never holds a checkpoint of a
                     # step its log does not record (a full disk while logging keeps the previous checkpoint).
                     if is_main and (step % cfg.log_every == 0 or step == total_steps or scores):
                         log.write(step, stats, scores)
                     if is_main and (end_of_epoch or step % cfg.checkpoint_every == 0 or step == total_steps
                                     or stop_now or (scores and scores.is_best)):
-                        saved = _checkpoint_state(nets, data, cfg, device, step, step // steps_per_epoch)
-                        last_ckpt = save_checkpoint(saved, ckpt_dir, cfg.keep)
+                        with log.paused():
+                            saved = _checkpoint_state(nets, data, cfg, device, step, step // steps_per_epoch)
+                            last_ckpt = save_checkpoint(saved, ckpt_dir, cfg.keep)
                     if scores:
                         quick.keep_best(scores, last_ckpt)
                     if stop_now:
@@ -312,7 +315,11 @@ def _write_run_files(run_dir: Path, cfg: TrainConfig, data: TrainData, nets: Net
 
 class _Log:
     """Rank 0's log.jsonl lines (and their TensorBoard copy), the progress display, and every 30 s
-    (and at the end) a debug echo."""
+    (and at the end) a debug echo.
+
+    `time` is wall-clock time since this process started training; img/s counts the training alone:
+    the quick evals, sample grids and checkpoints run `paused()`, so the rate does not dip at each.
+    """
 
     def __init__(self, path: Path, task, report: Reporter, step0: int, steps_per_epoch: int, total_steps: int,
                  images_per_step: int, tb=None):
@@ -320,13 +327,24 @@ class _Log:
         self.step0, self.steps_per_epoch, self.total_steps = step0, steps_per_epoch, total_steps
         self.images_per_step = images_per_step
         self.t0 = self.t_echo = time.time()
+        self.paused_seconds = 0.0
 
     def seconds(self) -> float:
         return time.time() - self.t0
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside is not training time (it still counts in `seconds`)."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_seconds += time.perf_counter() - t
+
     def images_per_second(self, step: int) -> float:
-        """Throughput since this process started training (a resumed run counts from its resume)."""
-        return (step - self.step0) * self.images_per_step / max(self.seconds(), 1e-9)
+        """Training throughput since this process started training (a resumed run counts from its
+        resume), without the time spent `paused()`."""
+        return (step - self.step0) * self.images_per_step / max(self.seconds() - self.paused_seconds, 1e-9)
 
     def write(self, step: int, stats: dict[str, torch.Tensor], scores: Scores | None = None) -> None:
         rate = self.images_per_second(step)

@@ -143,6 +143,41 @@ def test_resumed_run_reads_its_best_back(tmp_path, data, tiny_net):
             == load_checkpoint(resumed.run_dir / "checkpoints" / "best.pt")["step"])
 
 
+def test_img_per_s_counts_training_not_the_quick_evals(tmp_path, data, tiny_net, monkeypatch):
+    """A step "takes" 0.5 s and a quick eval 100 s on a clock the test moves (the trainer's own clock:
+    real sleeps would make the figures depend on the machine's load)."""
+    import time
+    import types
+
+    import flowercli.train as train_mod
+    from flowercli.quickeval import QuickEval
+
+    now = [1_000.0]
+    clock = types.SimpleNamespace(time=lambda: now[0], perf_counter=lambda: now[0], strftime=time.strftime)
+    monkeypatch.setattr(train_mod, "time", clock)
+    run_step, measure = train_mod.run_step, QuickEval.measure
+
+    def step(*a, **k):
+        now[0] += 0.5
+        return run_step(*a, **k)
+
+    def slow_measure(self, G_ema, step):
+        now[0] += 100.0
+        return measure(self, G_ema, step)
+
+    monkeypatch.setattr(train_mod, "run_step", step)
+    monkeypatch.setattr(QuickEval, "measure", slow_measure)
+    res = train(config(tmp_path / "runs", data, epochs=2, max_steps=5, eval_every=4, quick_eval_n=N,
+                       inception=tiny_net))
+    log = lines(res.run_dir)
+    assert [r["step"] for r in log if "quick_fid" in r] == [4, 5]
+    # 4 images per 0.5 s of training at every step, the quick evals' steps too...
+    assert [r["img_per_s"] for r in log] == [8.0] * 5
+    assert res.images_per_second == 8.0
+    # ...while `time` stays the wall-clock time since the start, the quick evals included.
+    assert [r["time"] for r in log] == [0.5, 1.0, 1.5, 102.0, 202.5]
+
+
 def test_best_from_log_takes_the_newest_best_up_to_the_resumed_step(tmp_path):
     path = tmp_path / "log.jsonl"
     recs = [{"step": 2, "quick_fid": 9.0, "best": {"step": 2, "quick_fid": 9.0, "checkpoint": "a"}},
