@@ -24,13 +24,17 @@ are never touched.
 When a score is the lowest so far, checkpoints/best.pt becomes a hard link to that step's
 checkpoint (the loop writes one at that step if it had none), so rotation (--keep) cannot delete it.
 The step's log.jsonl line gets quick_fid, quick_recall, quick_eval_seconds, quick_n and, with a new
-best, best{step, quick_fid, checkpoint}; a resumed run reads its best so far back from there.
+best, best{step, quick_fid, checkpoint}; a resumed run reads its best so far back from there, of the
+steps up to the one it resumes from. A resume from an older checkpoint trains the later steps again,
+so a best.pt of one of them is pointed back at the best before it, or removed when that checkpoint
+is gone (`reconcile_best`).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,11 +211,60 @@ class QuickEval:
 def best_from_log(path: Path, step: int) -> dict[str, Any] | None:
     """The newest `best` log.jsonl records at or before `step` (a resume from an older checkpoint
     retrains the steps after it), or None."""
+    bests = [b for b in _logged_bests(path) if b["step"] <= step]
+    return bests[-1] if bests else None
+
+
+def _logged_bests(path: Path) -> list[dict[str, Any]]:
+    """The `best` records of the run's log, oldest first, of the steps the run went on from.
+
+    A resume appends: a line of step N supersedes every earlier line of step N or later, whose
+    steps the resume trained again (as `flowercli report` keeps the later line of a step).
+    """
     from flowercli.runreport import read_log
 
-    best = None
+    kept: list[dict[str, Any]] = []
     for rec in read_log(path).records:
-        b = rec.get("best")
-        if isinstance(b, dict) and isinstance(b.get("quick_fid"), (int, float)) and rec["step"] <= step:
-            best = b
-    return best
+        while kept and kept[-1]["step"] >= rec["step"]:
+            kept.pop()
+        kept.append(rec)
+    return [r["best"] for r in kept if isinstance(r.get("best"), dict)
+            and isinstance(r["best"].get("quick_fid"), (int, float)) and isinstance(r["best"].get("step"), int)]
+
+
+def reconcile_best(run_dir: Path, step: int, report: Reporter = Reporter()) -> None:
+    """On resume from `step`: keep checkpoints/best.pt from pointing at a later step.
+
+    A resume from an older checkpoint (the newer ones deleted or unreadable) trains the later steps
+    again, so a best.pt of one of them describes weights the run will not have. It is pointed at
+    the best step at or before `step` instead, or removed when that step's checkpoint is gone; the
+    quick evals to come then measure against the same best (`best_from_log`).
+    """
+    from flowercli.checkpoint import link_checkpoint
+
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    best_file = ckpt_dir / BEST
+    bests = _logged_bests(Path(run_dir) / "log.jsonl")
+    if not best_file.is_file() or not bests or bests[-1]["step"] <= step:
+        return  # the log does not know what best.pt holds, or it holds a step that is kept
+    later = bests[-1]["step"]
+    kept = next((b for b in reversed(bests) if b["step"] <= step), None)  # = best_from_log(log, step)
+    source = ckpt_dir / f"step-{kept['step']:07d}.pt" if kept else None
+    try:
+        if source is not None and source.is_file():
+            if os.path.samefile(source, best_file):
+                return  # replaced by an earlier resume from here that logged nothing since
+            link_checkpoint(source, BEST)
+            report.warn(f"{best_file} held step {later}, after the resumed step {step}: it now holds step "
+                        f"{kept['step']} (quick FID {kept['quick_fid']}), the best up to step {step}")
+        else:
+            best_file.unlink()
+            why = "no quick eval up to it logged a best" if kept is None else \
+                f"the checkpoint of its best before it (step {kept['step']}) is gone"
+            report.warn(f"{best_file} held step {later}, after the resumed step {step}: removed, as {why}; "
+                        "the next quick eval (--eval-every) makes a new one")
+    except OSError as e:
+        from flowercli.fsutil import write_error_text
+
+        raise CheckpointError(f"could not replace {best_file} (step {later}, after the resumed step {step}): "
+                              f"{write_error_text(e)}; remove it and resume again") from None

@@ -44,7 +44,7 @@ from flowercli.errors import CheckpointError, DataError, FlowerError, InputError
 from flowercli.fsutil import StopFlag, atomic_write, nearest_existing, run_lock
 from flowercli.losses import Objective, ema_decay, ema_update
 from flowercli.models import Discriminator, Generator, count_parameters, recalibrate_batchnorm
-from flowercli.quickeval import QuickEval, Scores
+from flowercli.quickeval import QuickEval, Scores, reconcile_best
 from flowercli.quickeval import check_config as check_quick_eval
 from flowercli.report import Reporter
 from flowercli.rng import rng_states, set_rng_states, step_generator
@@ -115,6 +115,8 @@ def train(cfg: TrainConfig, report: Reporter = Reporter()) -> TrainResult:
                 m.text_mean.copy_(data.text_mean)
                 m.text_std.copy_(data.text_std)
             step = 0 if state is None else _restore(nets, state, adam, run_dir, report)
+            if is_main and state is not None:
+                reconcile_best(run_dir, step, report)  # a best.pt of a step being trained again is replaced
             n_train = len(data.labels)
             steps_per_epoch, total_steps = _schedule(cfg, n_train, world)
             # BatchNorm in D mixes statistics across a batch: real, mismatched and fake must then go

@@ -191,6 +191,101 @@ def test_best_from_log_takes_the_newest_best_up_to_the_resumed_step(tmp_path):
     assert best_from_log(tmp_path / "none.jsonl", 9) is None
 
 
+def test_best_from_log_ignores_the_lines_a_resume_trained_again(tmp_path):
+    path = tmp_path / "log.jsonl"
+    recs = [{"step": 2, "quick_fid": 9.0, "best": {"step": 2, "quick_fid": 9.0, "checkpoint": "a"}},
+            {"step": 4, "quick_fid": 5.0, "best": {"step": 4, "quick_fid": 5.0, "checkpoint": "b"}},
+            {"step": 6, "quick_fid": 4.0, "best": {"step": 6, "quick_fid": 4.0, "checkpoint": "c"}},
+            # Resumed from step 3: its step 4 scored worse than step 2, no best; stopped at step 5.
+            {"step": 4, "quick_fid": 9.5},
+            {"step": 5, "loss_d": 1.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    for step in (5, 9, 3):  # not the step 4 (or 6) of before the resume
+        assert best_from_log(path, step)["checkpoint"] == "a"
+    recs.append({"step": 6, "quick_fid": 7.0, "best": {"step": 6, "quick_fid": 7.0, "checkpoint": "d"}})
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert best_from_log(path, 6)["checkpoint"] == "d" and best_from_log(path, 5)["checkpoint"] == "a"
+
+
+FIDS = {2: 9.0, 4: 7.0, 6: 5.0, 8: 6.0}  # quick FID by step: bests at 2, 4 and 6
+
+
+@pytest.fixture
+def scripted_fids(monkeypatch):
+    """The quick FID of each step is FIDS[step] (the measurement runs, its value is replaced)."""
+    from flowercli.quickeval import QuickEval
+
+    measure, at = QuickEval.measure, {}
+
+    def measure_at(self, G_ema, step):
+        at["step"] = step
+        return measure(self, G_ema, step)
+
+    monkeypatch.setattr(QuickEval, "measure", measure_at)
+    monkeypatch.setattr("flowercli.metrics.fid.frechet_distance_fast", lambda *a, **k: FIDS[at["step"]])
+
+
+def test_resume_from_before_the_best_step_replaces_best_pt(tmp_path, data, tiny_net, scripted_fids):
+    from dataclasses import replace
+
+    from flowercli.report import ListReporter
+
+    cfg = config(tmp_path / "a", data, epochs=2, eval_every=2, quick_eval_n=N, inception=tiny_net,
+                 keep=0, checkpoint_every=1)
+    straight = train(cfg)
+    ckpts = straight.run_dir / "checkpoints"
+    assert load_checkpoint(ckpts / "best.pt")["step"] == 6
+    for name, gone in (("relinked", (6, 7, 8)), ("removed", (4, 6, 7, 8))):
+        # The checkpoints after step 5 deleted (and for "removed" the best before it, step 4's, too).
+        run = Path(shutil.copytree(straight.run_dir, tmp_path / name / "r"))
+        for s in gone:
+            (run / "checkpoints" / f"step-{s:07d}.pt").unlink()
+        rep = ListReporter()
+        resumed = replace(cfg, runs_dir=tmp_path / name, resume=True)
+        assert train(replace(resumed, max_steps=5), rep).step == 5  # resumes, trains no step
+        warned = [m for kind, m in rep.messages if kind == "warn"]
+        best = run / "checkpoints" / "best.pt"
+        if name == "relinked":
+            assert warned == [f"{best} held step 6, after the resumed step 5: it now holds step 4 (quick FID 7.0), "
+                              "the best up to step 5"]
+            assert load_checkpoint(best)["step"] == 4
+        else:
+            assert warned == [f"{best} held step 6, after the resumed step 5: removed, as the checkpoint of its best "
+                              "before it (step 4) is gone; the next quick eval (--eval-every) makes a new one"]
+            assert not best.exists()
+        # Trained on, the run keeps the best a straight run keeps (step 6, scored again).
+        assert train(resumed).step == 8
+        assert load_checkpoint(best)["step"] == 6
+        assert [(r["step"], r.get("best")) for r in lines(run)[-3:]] == [
+            (6, {"step": 6, "quick_fid": 5.0, "checkpoint": "checkpoints/step-0000006.pt"}), (7, None), (8, None)]
+
+
+def test_resume_keeps_a_best_pt_of_an_earlier_step(tmp_path):
+    """best.pt of a step at or before the resumed one is left alone (no checkpoint is read to check)."""
+    from flowercli.quickeval import reconcile_best
+    from flowercli.report import ListReporter
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    for s in (2, 4, 5):
+        (ckpts / f"step-{s:07d}.pt").write_bytes(f"step {s}".encode())
+    (ckpts / "best.pt").write_bytes(b"step 4")
+    recs = [{"step": 2, "best": {"step": 2, "quick_fid": 9.0}}, {"step": 4, "best": {"step": 4, "quick_fid": 7.0}}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    rep = ListReporter()
+    for step in (4, 5):
+        reconcile_best(tmp_path, step, rep)
+        assert (ckpts / "best.pt").read_bytes() == b"step 4" and rep.messages == []
+    reconcile_best(tmp_path, 3, rep)  # from step 3, step 4 is trained again: best.pt becomes step 2's
+    assert (ckpts / "best.pt").read_bytes() == b"step 2" and [k for k, _ in rep.messages] == ["warn"]
+    reconcile_best(tmp_path, 3, rep)  # once is enough: it holds step 2's file now
+    assert len(rep.messages) == 1
+    (ckpts / "best.pt").unlink()  # (a hard link: writing through it would change step 2's file)
+    (ckpts / "best.pt").write_bytes(b"step 4")
+    reconcile_best(tmp_path, 1, rep)  # no best up to step 1: removed
+    assert not (ckpts / "best.pt").exists() and "no quick eval up to it logged a best" in rep.messages[-1][1]
+
+
 @pytest.mark.parametrize("links", [True, False])
 def test_best_pt_outlives_rotation_and_is_a_copy_where_links_are_refused(tmp_path, monkeypatch, links):
     from flowercli.checkpoint import link_checkpoint, save_checkpoint
