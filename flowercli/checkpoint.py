@@ -332,7 +332,7 @@ def find_latest_checkpoint(run_dir: Path) -> Path:
     return found[-1]
 
 
-def find_newest_run(runs_dir: Path) -> Path | None:
+def _find_newest_run(runs_dir: Path) -> Path | None:
     """The run folder under `runs_dir` whose newest checkpoint was written last."""
     best, best_time = None, -1.0
     if not Path(runs_dir).is_dir():
@@ -345,14 +345,15 @@ def find_newest_run(runs_dir: Path) -> Path | None:
 
 
 def resolve_run_checkpoint(run: str | None, checkpoint: Path | None, runs_dir: Path, ask: str | None = None,
-                           fallback: Path | None = None) -> tuple[Path | None, Path]:
+                           fallback: Path | None = None, none_found: str | None = None) -> tuple[Path | None, Path]:
     """(run folder, checkpoint file) from --run and --checkpoint: the one lookup of every command.
 
     A `checkpoint` wins: a file as it is, a run folder its newest step checkpoint. Its run folder
     (where reports belong) is `run`'s when that is named, else <run>/ for <run>/checkpoints/step-N.pt,
     the folder itself for a run folder, else the file's folder. A `run` alone: its newest checkpoint.
     Neither: with `ask`, an InputError starting with it; without, the run under `runs_dir` saved
-    last, else `fallback` (a packaged model; run folder None) when that file exists.
+    last, else `fallback` (a packaged model; run folder None) when that file exists, else a
+    CheckpointError (its message `none_found` where the caller has its own advice, as train --resume).
     """
     runs_dir = Path(runs_dir)
     run_dir: Path | None = None
@@ -371,10 +372,10 @@ def resolve_run_checkpoint(run: str | None, checkpoint: Path | None, runs_dir: P
         return run_dir, find_latest_checkpoint(run_dir)
     if ask is not None:
         raise InputError(f"{ask}: --run NAME or --checkpoint PATH")
-    newest = find_newest_run(runs_dir)
+    newest = _find_newest_run(runs_dir)
     if newest is not None:
         return newest, find_latest_checkpoint(newest)
     if fallback is not None and Path(fallback).is_file():
         return None, Path(fallback)
-    raise CheckpointError(f"no checkpoint found under {runs_dir} and no packaged model; train one "
+    raise CheckpointError(none_found or f"no checkpoint found under {runs_dir} and no packaged model; train one "
                           "(flowercli train) or pass --checkpoint PATH")

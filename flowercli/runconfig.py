@@ -41,13 +41,12 @@ def build_config(recipe: str, data_dir: Path, runs_dir: Path, run: str | None, r
     user states again is compared (and a changed model or data setting is refused by `train`)."""
     stored = None
     if resume:
-        if run is None:
-            from flowercli.checkpoint import find_newest_run
+        if run is None:  # the run saved last, found as generate and eval find it
+            from flowercli.checkpoint import resolve_run_checkpoint
 
-            newest = find_newest_run(runs_dir)
-            if newest is None:
-                raise CheckpointError(f"--resume: no run with checkpoints under {runs_dir}; name one with --run")
-            run = newest.name
+            _, newest = resolve_run_checkpoint(None, None, runs_dir, none_found=(
+                f"--resume: no run with checkpoints under {runs_dir}; name one with --run"))
+            run = newest.parent.parent.name  # <runs>/<run>/checkpoints/step-N.pt
         path = Path(runs_dir) / run / "config.json"
         if path.is_file():
             try:

@@ -211,6 +211,23 @@ def test_resume_starts_a_run_left_with_only_its_config(tmp_path, embedded_dir):
     assert (run_dir / "checkpoints" / "step-0000001.pt").is_file()
 
 
+def test_resume_without_run_takes_the_run_saved_last(tmp_path, embedded_dir):
+    """--resume without --run: the run whose newest checkpoint was written last, as generate and eval pick it."""
+    from flowercli.runconfig import build_config
+
+    runs = tmp_path / "runs"
+    with pytest.raises(CheckpointError, match=rf"^--resume: no run with checkpoints under {runs}; name one with --run$"):
+        build_config("modern", embedded_dir, runs, None, True, None, {})
+    for name, step, mtime in (("older", 9, 1_000), ("newer", 1, 2_000), ("unstarted", 0, 3_000)):
+        folder = runs / name / "checkpoints"
+        folder.mkdir(parents=True)
+        if step:
+            (folder / f"step-{step:07d}.pt").write_bytes(b"x")
+            os.utime(folder / f"step-{step:07d}.pt", (mtime, mtime))
+    cfg = build_config("modern", embedded_dir, runs, None, True, None, {})
+    assert cfg.run == "newer" and cfg.resume
+
+
 def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path, embedded_dir):
     cfg = tiny_config(tmp_path, embedded_dir, epochs=3, max_steps=4, checkpoint_every=2)
     result = train(cfg)
