@@ -176,9 +176,13 @@ def caption_set(state: dict[str, Any]) -> dict[str, str] | None:
     export of a checkpoint older than that record may carry one added at release in meta.
     """
     enc = state.get("encoder") or {}
-    if enc.get("captions_sha256"):
-        return {"archive": str(enc.get("captions_archive") or "unknown"), "sha256": str(enc["captions_sha256"])}
     rec = _get(state, "meta", "caption_set")
+    if enc.get("captions_sha256"):
+        out = {"archive": str(enc.get("captions_archive") or "unknown"), "sha256": str(enc["captions_sha256"])}
+        # A release may add how the set was established: its note, for this same set only.
+        if isinstance(rec, dict) and rec.get("note") and str(rec.get("sha256")) == out["sha256"]:
+            out["note"] = str(rec["note"])
+        return out
     if isinstance(rec, dict) and rec.get("sha256"):
         return {k: str(v) for k, v in rec.items()}
     return None

@@ -7,10 +7,12 @@ the caption-set record, which captions they were trained on); then generator.jso
 summary) and README.md (the model card, `flowercli.modelcard`) from that file, so all three say
 the same. It refuses to finish while any output holds an absolute path.
 
-    python tools/release_model.py flowercli/pretrained/generator.pt --facts flowercli/pretrained/generator.json \
-        --captions-archive captions_substitute.tgz --captions-sha256 b04fbb5f...8c48776 \
-        --captions-note "Recorded at release: ..." --out flowercli/pretrained
+    python tools/release_model.py flowercli/pretrained/generator.safetensors \
+        --facts flowercli/pretrained/generator.json --out flowercli/pretrained
 
+The caption set comes from the checkpoint (its embeddings' record, or one an earlier release put
+in its metadata); only where neither exists must --captions-archive and --captions-sha256 name it,
+and the tool stops until they do. --captions-note adds how it was established to the card.
 --facts takes the training facts of an earlier generator.json ("training": device, cpu_seconds,
 wall_seconds; "data": dataset); --cpu-seconds, --wall-seconds and --device give or override them.
 Afterwards check that `flowercli generate "this flower has yellow petals" -n 16` (the README's
@@ -61,6 +63,34 @@ def summary(state: dict, file_name: str, dataset: str | None) -> dict:
     return out
 
 
+def release_caption_set(state: dict, archive: str | None, sha256: str | None, note: str | None,
+                        source: Path) -> dict:
+    """The caption set of the release: the one the checkpoint records, the options filling or overriding it.
+
+    Checkpoints copy the embeddings file's record into "encoder"; an earlier release may have put one
+    in meta (`flowercli.modelcard.caption_set` reads either). The embeddings' record is what eval and
+    the model card go by, so an option that contradicts it is refused rather than written beside it.
+    """
+    from flowercli.modelcard import caption_set
+
+    enc = state.get("encoder") or {}
+    recorded = caption_set(state) or {}
+    if enc.get("captions_sha256"):
+        for option, given, key in (("--captions-sha256", sha256, "sha256"), ("--captions-archive", archive, "archive")):
+            if given and given != recorded[key]:
+                sys.exit(f"{option} {given} contradicts {source}, trained on the caption set {recorded['archive']} "
+                         f"(sha256 {recorded['sha256']}) as its embeddings record; leave {option} out")
+    # Another sha256 than an earlier release recorded is another set: nothing of that record is kept.
+    base = recorded if not sha256 or sha256 == recorded.get("sha256") else {}
+    caps = {**base, **({"archive": archive} if archive else {}), **({"sha256": sha256} if sha256 else {}),
+            **({"note": note} if note else {})}
+    if not caps.get("sha256"):
+        sys.exit(f"{source} does not record which caption set it was trained on (embeddings made before the "
+                 "record); name it with --captions-archive NAME --captions-sha256 HEX")
+    return {"archive": caps.get("archive") or "unknown", "sha256": caps["sha256"],
+            **({"note": caps["note"]} if caps.get("note") else {})}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", type=Path, help="a training checkpoint or an exported .pt/.safetensors")
@@ -70,8 +100,8 @@ def main() -> None:
     p.add_argument("--cpu-seconds", type=float)
     p.add_argument("--wall-seconds", type=float)
     p.add_argument("--device", help="the training machine in words")
-    p.add_argument("--captions-archive")
-    p.add_argument("--captions-sha256")
+    p.add_argument("--captions-archive", help="the caption set's archive name [default: the checkpoint's record]")
+    p.add_argument("--captions-sha256", help="the caption set's sha256 [default: the checkpoint's record]")
     p.add_argument("--captions-note", help="how the caption set was established, said in the card")
     p.add_argument("--report", type=Path, help="an eval report.json of the source checkpoint (default: the one inside)")
     args = p.parse_args()
@@ -88,14 +118,13 @@ def main() -> None:
         if value is not None:
             training[key] = value
     meta: dict = {"training": training} if training else {}
-    if args.captions_sha256:
-        meta["caption_set"] = {"archive": args.captions_archive or "unknown", "sha256": args.captions_sha256,
-                               **({"note": args.captions_note} if args.captions_note else {})}
     if args.report:
         meta["eval"] = json.loads(args.report.read_text())
 
     # Read the source before anything is written: --out may be the folder it lives in.
     source = load_checkpoint(args.source)
+    meta["caption_set"] = release_caption_set(source, args.captions_archive, args.captions_sha256, args.captions_note,
+                                              args.source)
     half = source.get("meta", {}).get("dtype", "float16") == "float16"
     target = args.out / f"{args.name}.safetensors"
     export_generator(args.source, target, meta, half=half)
