@@ -253,6 +253,15 @@ def model_card(state: dict[str, Any], file_name: str, file_bytes: int | None = N
             ("loss", model.get("loss")), ("learning rates (G / D)", f"{config.get('lr_g')} / {config.get('lr_d')}"),
             ("Adam betas", f"{config.get('beta1')}, {config.get('beta2')}"), ("batch size", config.get("batch_size")),
             ("EMA decay", config.get("ema")), ("seed", config.get("seed"))]
+    # The two settings that change what a user gets most, spelled out rather than left in the list below.
+    if (_num(config.get("name_mix")) or 0) > 0:
+        rows.append(("species-name captions in training",
+                     f"{_num(config.get('name_mix')):.0%} of the training captions replaced by a sentence naming "
+                     f"the image's species (`--set name_mix={_plain(config.get('name_mix'))}`)"))
+    if model.get("cond_aug"):
+        rows.append(("condition at generation", "sampled per image from its seed (`model.sample_condition=true`; "
+                     "`--mean-condition` uses the caption's mean)" if model.get("sample_condition") else
+                     "the caption's mean (`--sample-condition` draws it per image from its seed)"))
     lines += ["## Recipe", "", "| setting | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in rows if v is not None and "None" not in str(v)]
     others = ", ".join(f"`{k}={_plain(v)}`" for k, v in model.items()

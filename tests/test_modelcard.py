@@ -124,3 +124,19 @@ def test_card_path():
     from pathlib import Path
 
     assert card_path_for(Path("out/my-flowers.safetensors")) == Path("out/my-flowers.md")
+
+
+def test_name_captions_and_the_generation_condition_are_spelled_out():
+    def with_(name_mix, sample_condition):
+        s = state()
+        s["config"] = {**s["config"], "name_mix": name_mix,
+                       "model": {**s["config"]["model"], "sample_condition": sample_condition}}
+        return model_card(s, "generator.safetensors")
+
+    card = with_(0.2, True)
+    assert "| species-name captions in training | 20% of the training captions replaced" in card
+    assert "(`--set name_mix=0.2`)" in card
+    assert "| condition at generation | sampled per image from its seed" in card
+    card = with_(0.0, False)
+    assert "species-name captions" not in card
+    assert "| condition at generation | the caption's mean" in card
