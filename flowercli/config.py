@@ -354,12 +354,12 @@ def _parse_value(key: str, raw: str, hint: Any) -> Any:
         return value
     if hint is float:
         try:
-            value = float(raw)
+            number = float(raw)
         except ValueError:
-            value = math.nan
-        if not math.isfinite(value):
+            number = math.nan
+        if not math.isfinite(number):
             raise ValueError(f"{key}={raw!r}: expected a finite number, e.g. 0.5 or 1e-4")
-        return value
+        return number
     if hint is Path:
         if not raw:
             raise ValueError(f"{key}: expected a path")

@@ -9,8 +9,10 @@ import hashlib
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 # Temp files are named ".<final name>.pid<N>.<anything>tmp", so that a later writer can tell the
 # leftovers of a killed process (SIGKILL, power loss: no chance to clean up) from a live writer's.
@@ -66,7 +68,7 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
 
     A temp file of a process that still runs is another writer at work and is left alone.
     """
-    removed = []
+    removed: list[Path] = []
     try:
         candidates = list(Path(folder).glob(".*.tmp"))
     except OSError:
@@ -198,7 +200,9 @@ class StopFlag:
 
     def __init__(self):
         self.signum = 0
-        self._old: dict[int, object] = {}
+        # What signal.signal returns and takes back: a Python handler, SIG_DFL/SIG_IGN, or None
+        # (a handler set outside Python).
+        self._old: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
 
     def __enter__(self):
         import signal

@@ -24,7 +24,7 @@ def load_images(folder: Path, image_ids, size: int) -> np.ndarray:
             with Image.open(path) as im:
                 im = im.convert("RGB")
                 if im.size != (size, size):
-                    im = _centre_square(im).resize((size, size), Image.BICUBIC)
+                    im = _centre_square(im).resize((size, size), Image.Resampling.BICUBIC)
                 out[k] = np.asarray(im).transpose(2, 0, 1)
         except FileNotFoundError:
             raise DataError(f"image {path} is missing; run `flowercli download` again") from None

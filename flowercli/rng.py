@@ -33,7 +33,11 @@ def rng_states() -> dict[str, Any]:
 
 
 def _np_state():
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    # The global RandomState is MT19937, whose legacy state is this tuple (numpy's stub types the
+    # call without arguments as the dict form, which only legacy=False returns).
+    state = np.random.get_state(legacy=True)
+    assert isinstance(state, tuple)
+    name, keys, pos, has_gauss, gauss = state
     return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss,
             "name": name}
 
