@@ -17,7 +17,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from flowercli.config import IMAGES_LIMITS, ArchiveLimits
 from flowercli.errors import DataError
@@ -89,7 +89,13 @@ def _tar_members(path: Path) -> Iterator[_Member]:
             yield m.name, kind, m.size, m.linkname, (lambda m=m: tar.extractfile(m))  # type: ignore[misc]
 
 
-def _drain(fileobj: BinaryIO) -> None:
+class _Readable(Protocol):
+    """What _drain needs of a stream: a tar's fileobj is no BinaryIO, only something to read."""
+
+    def read(self, size: int, /) -> bytes: ...
+
+
+def _drain(fileobj: _Readable) -> None:
     """Read a tar's compressed stream to its very end.
 
     tarfile stops at the end-of-archive blocks, before the gzip/bz2/xz trailer whose CRC covers
@@ -219,12 +225,12 @@ def safe_extract(archive: Path, dest: Path, *, select: Callable[[str], bool] | N
                     report.debug(f"{archive.name}: not recreating symlink {rel}")
                     continue
                 if kind == "hardlink":
-                    target, why = _safe_relpath(link)
-                    if why or target is None:
+                    linked, why = _safe_relpath(link)
+                    if why or linked is None:
                         raise refuse(f"is a hard link pointing outside the archive ({link[:200]!r})", name)
-                    if (select is not None and not select(rel)) or target not in done:
+                    if (select is not None and not select(rel)) or linked not in done:
                         continue
-                    source = dest.joinpath(*target.split("/"))
+                    source = dest.joinpath(*linked.split("/"))
                     size = source.stat().st_size  # copies count too, or links would dodge the limits
                     kind = "copy"
                 elif select is not None and not select(rel):

@@ -67,7 +67,7 @@ def _ensure_archive(src: Source, layout: DataLayout, net: _Http, previous: dict 
     if _matches(src, md5, sha) is False:
         bad = dest.with_name(dest.name + ".bad")
         os.replace(part, bad)  # moved aside, never resumed: the next run fetches it afresh
-        want, got = (src.sha256, sha) if src.sha256 else (src.md5, md5)
+        want, got = (src.sha256, sha) if src.sha256 else (src.md5 or "", md5)
         algo = "sha256" if src.sha256 else "md5"
         raise ChecksumError(f"checksum mismatch for {src.name} from {src.location}: {algo} {got[:12]}… "
                             f"is not {want[:12]}… ({src.checked_by}); the file is corrupt or not the "

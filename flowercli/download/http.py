@@ -165,7 +165,8 @@ class _Http:
                 resp = self._open(url, headers)
             except urllib.error.HTTPError as e:
                 if e.code == 416 and offset:
-                    m = re.fullmatch(r"bytes \*/(\d+)", (e.headers or {}).get("Content-Range", "") or "")
+                    content_range = e.headers.get("Content-Range") if e.headers is not None else None
+                    m = re.fullmatch(r"bytes \*/(\d+)", content_range or "")
                     if m and int(m.group(1)) == offset:
                         return  # killed after the last byte but before the rename: nothing left to fetch
                     part.unlink()  # our partial file does not fit the remote one: start over
