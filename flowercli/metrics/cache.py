@@ -50,6 +50,9 @@ def save(path: Path, key: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -
     from flowercli.fsutil import atomic_write
 
     buf = io.BytesIO()
-    np.savez(buf, __key__=np.array(json.dumps(key, sort_keys=True, default=str)), **arrays)
+    # One dict of every array to store: numpy's stub would read a bare **arrays as possibly
+    # holding savez's own allow_pickle keyword.
+    payload: dict[str, Any] = {"__key__": np.array(json.dumps(key, sort_keys=True, default=str)), **arrays}
+    np.savez(buf, **payload)
     atomic_write(Path(path), lambda f: f.write(buf.getvalue()))
     return Path(path)

@@ -12,7 +12,7 @@ inside a prompt, which FID and class accuracy cannot see when the one image is a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -44,7 +44,7 @@ def within_prompt_ratios(generated: np.ndarray, classes: np.ndarray, real: Mappi
     return np.array([mean_pairwise_distance(g) / denominators[int(c)] for g, c in zip(generated, classes)])
 
 
-def spread(values: np.ndarray) -> dict[str, float]:
+def spread(values: np.ndarray | Sequence[float]) -> dict[str, float]:
     """mean, 10th and 90th percentile of the finite values, and how many there were."""
     v = np.asarray(values, np.float64)
     v = v[np.isfinite(v)]

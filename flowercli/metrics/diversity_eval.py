@@ -86,14 +86,14 @@ def within_prompt_section(cfg: EvalConfig, generator, extractor, emb, rows: np.n
     vectors = np.repeat(np.asarray(emb.vectors[plan_rows, plan_caps], np.float32), K, axis=0)
     seeds = [first_seed + i for i in range(P * K)]
     t = time.perf_counter()
-    images = []
+    batches = []
     chunk = max(cfg.batch_size, 256)  # progress steps, as for the protocol's images
     with reporter.task(f"generating {P} x {K} diversity images", total=P * K) as task:
         for start in range(0, P * K, chunk):
-            images.append(generator.images_from_vectors(vectors[start: start + chunk], seeds[start: start + chunk],
-                                                         batch_size=cfg.batch_size))
-            task.advance(len(images[-1]))
-    images = np.concatenate(images)
+            batches.append(generator.images_from_vectors(vectors[start: start + chunk], seeds[start: start + chunk],
+                                                          batch_size=cfg.batch_size))
+            task.advance(len(batches[-1]))
+    images = np.concatenate(batches)
     timings["generate_s"] = timings.get("generate_s", 0.0) + time.perf_counter() - t
     t = time.perf_counter()
     with reporter.task("Inception: diversity images", total=P * K) as task:

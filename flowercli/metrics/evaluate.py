@@ -190,7 +190,7 @@ def evaluate(cfg: EvalConfig, generator, reporter: Reporter = Reporter(), extrac
                           "classes": int(len(group_classes)),
                           "unseen_classes": bool(mode == "classes" and name == "test"),
                           "ceiling": class_ceiling(clf, real, labels, held_mask, group_classes)}
-    probe = accuracy_report(clf, real[held_idx], labels[held_idx])
+    probe: dict[str, Any] = accuracy_report(clf, real[held_idx], labels[held_idx])
     probe.update({"n_train": int(len(labels) - len(held_idx)), "classes": int(len(clf.classes)),
                   "model": "logistic regression on standardised Inception features (L-BFGS)",
                   "weight_decay": CLASSIFIER_WEIGHT_DECAY})
@@ -211,7 +211,7 @@ def evaluate(cfg: EvalConfig, generator, reporter: Reporter = Reporter(), extrac
         "schema": REPORT_SCHEMA,
         "run": {"checkpoint": str(getattr(generator, "checkpoint", "") or ""), "step": meta.get("step"),
                 "split_mode": mode, "image_size": size, "encoder": meta.get("encoder"),
-                "embeddings": str(emb_path or getattr(emb, "path", "") or ""), "data_dir": str(layout.root)},
+                "embeddings": str(emb_path or getattr(emb, "path", None) or ""), "data_dir": str(layout.root)},
         "protocol": {"split": main_name, "n": cfg.n, "n_other": cfg.n_other if other_name in group_data else 0,
                      "seed": cfg.seed,
                      # The caption's mean condition, or one sampled from each image's seed (CA generators).

@@ -41,13 +41,13 @@ def generated_side(generator, extractor, emb, rows: np.ndarray, n: int, order_se
     seeds = [first_seed + i for i in range(n)]
     t = time.perf_counter()
     chunk = max(batch_size, 256)
-    images = []
+    batches = []
     with reporter.task(f"generating {what}", total=n) as task:
         for start in range(0, n, chunk):
-            images.append(generator.images_from_vectors(vectors[start: start + chunk], seeds[start: start + chunk],
-                                                         batch_size=batch_size))
-            task.advance(len(images[-1]))
-    images = np.concatenate(images)
+            batches.append(generator.images_from_vectors(vectors[start: start + chunk], seeds[start: start + chunk],
+                                                          batch_size=batch_size))
+            task.advance(len(batches[-1]))
+    images = np.concatenate(batches)
     timings["generate_s"] = timings.get("generate_s", 0.0) + time.perf_counter() - t
     t = time.perf_counter()
     with reporter.task(f"Inception: {what}", total=n) as task:

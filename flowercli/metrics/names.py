@@ -9,7 +9,7 @@ images and classifies them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -34,7 +34,7 @@ class NamePlan(NamedTuple):
     templates: np.ndarray  # (N,) index into the templates
 
 
-def name_plan(class_names: Sequence[str], classes: Sequence[int], seeds: int,
+def name_plan(class_names: Sequence[str], classes: Iterable[int], seeds: int,
               templates: Sequence[str] = TEMPLATES) -> NamePlan:
     """Every class x every template x `seeds` images, class by class; `class_names[c - 1]` names class c."""
     classes = [int(c) for c in classes]
@@ -47,8 +47,8 @@ def name_plan(class_names: Sequence[str], classes: Sequence[int], seeds: int,
                     np.array([k for _, _, k in rows], np.int64))
 
 
-def species_accuracy(predicted: np.ndarray, truth: np.ndarray, train_classes: Sequence[int],
-                     unseen_classes: Sequence[int], templates: np.ndarray | None = None,
+def species_accuracy(predicted: np.ndarray, truth: np.ndarray, train_classes: Sequence[int] | np.ndarray,
+                     unseen_classes: Sequence[int] | np.ndarray, templates: np.ndarray | None = None,
                      template_names: Sequence[str] = TEMPLATES) -> dict:
     """Top-1 / top-5 of (N, k) predicted classes (best first) against the named class, for the
     training species and the unseen species separately, and top-1 per template and group."""

@@ -32,7 +32,7 @@ def write_sheet(images: np.ndarray, captions: list[str], path: Path, ncol: int =
     for i in range(n):
         r, c = divmod(i, ncol)
         x, y = pad + c * (cell_w + pad), pad + r * (img_h + text_h + pad)
-        sheet.paste(Image.fromarray(images[i]).resize((cell_w, img_h), Image.NEAREST), (x, y))
+        sheet.paste(Image.fromarray(images[i]).resize((cell_w, img_h), Image.Resampling.NEAREST), (x, y))
         for k, line in enumerate(wrapped[i]):
             draw.text((x, y + img_h + 2 + k * line_h), line, fill=(0, 0, 0), font=font)
     atomic_write(Path(path), lambda f: sheet.save(f, format="PNG"))
