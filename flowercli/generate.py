@@ -90,14 +90,14 @@ class LoadedGenerator:
         """Raw encoder vectors (n, D) and one seed per image -> uint8 (n, H, W, 3)."""
         from flowercli.images import to_uint8
 
-        vectors = torch.as_tensor(np.asarray(vectors, dtype=np.float32))
-        if vectors.ndim != 2 or vectors.shape[1] != self.G.cfg.text_dim:
-            raise InputError(f"text vectors of shape {tuple(vectors.shape)} do not fit this generator "
+        raw = torch.as_tensor(np.asarray(vectors, dtype=np.float32))
+        if raw.ndim != 2 or raw.shape[1] != self.G.cfg.text_dim:
+            raise InputError(f"text vectors of shape {tuple(raw.shape)} do not fit this generator "
                              f"({self.G.cfg.text_dim}-d, from {self.encoder_info.get('encoder')})")
         out = []
-        for i in range(0, len(vectors), batch_size):
+        for i in range(0, len(raw), batch_size):
             z, eps = self.noise(seeds[i: i + batch_size])
-            t = self.G.normalise_text(vectors[i: i + batch_size].to(self.device))
+            t = self.G.normalise_text(raw[i: i + batch_size].to(self.device))
             out.append(to_uint8(self.G(z.to(self.device), t, None if eps is None else eps.to(self.device))[0]))
         return np.concatenate(out) if out else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
 

@@ -228,7 +228,8 @@ class Objective:
         stats = {}
         if ctr:
             # Real images only: D learns which caption goes with which image, G is then held to it.
-            c = contrastive(*emb_real, labels)
+            img_vec, txt_vec = emb_real
+            c = contrastive(img_vec, txt_vec, labels)
             stats["contrastive_d"] = c.detach()
             loss = loss + m.contrastive * c
         if cls_real is not None:
@@ -268,12 +269,13 @@ class Objective:
         loss = g_adversarial(out_fake.float(), m.loss)
         stats = {}
         if ctr:
-            c = contrastive(*emb[0], labels)
+            img_vec, txt_vec = emb[0]
+            c = contrastive(img_vec, txt_vec, labels)
             stats["contrastive_g"] = c.detach()
             loss = loss + m.contrastive * c
         if cls_fake is not None:
             loss = loss + m.aux_weight * F.cross_entropy(cls_fake.float(), labels)
-        if mu is not None:
+        if mu is not None and logvar is not None:  # both or neither: conditioning augmentation
             loss = loss + m.kl_weight * kl_divergence(mu.float(), logvar.float())
         if m.gan_int:
             loss = loss + m.gan_int * self._gan_int(G, D, b, g)

@@ -80,7 +80,9 @@ class CondBatchNorm(nn.BatchNorm2d):
         nn.init.zeros_(self.to_affine.weight)
         nn.init.zeros_(self.to_affine.bias)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    # The condition is the point of this BatchNorm: its forward takes one more argument than
+    # BatchNorm2d's, so it does not stand in for one (nothing calls it as a plain BatchNorm).
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         x = super().forward(x)
         gamma, beta = self.to_affine(cond)[:, :, None, None].chunk(2, dim=1)
         return x * (1 + gamma) + beta
@@ -88,6 +90,10 @@ class CondBatchNorm(nn.BatchNorm2d):
 
 class Generator(nn.Module):
     """[projected text || noise] -> 4x4 tensor -> transposed convolutions -> image in [-1, 1]."""
+
+    # Buffers, registered in __init__ (nn.Module's attribute lookup is typed as Tensor | Module).
+    text_mean: torch.Tensor
+    text_std: torch.Tensor
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -184,7 +190,8 @@ class Discriminator(nn.Module):
         # Heads into the shared space of the contrastive term; plain linear layers, since the
         # term compares directions only.
         if cfg.contrastive:
-            self.ctr_image, self.ctr_text = nn.Linear(ch, ch), nn.Linear(cfg.cond_dim, ch)
+            self.ctr_image: nn.Linear | None = nn.Linear(ch, ch)
+            self.ctr_text: nn.Linear | None = nn.Linear(cfg.cond_dim, ch)
         else:
             self.ctr_image = self.ctr_text = None
 
@@ -213,6 +220,8 @@ class Discriminator(nn.Module):
         if self.text_embed is not None:
             logit = logit + (self.text_embed(t_vec) * pooled).sum(dim=1)
         if embed:
+            if self.ctr_image is None or self.ctr_text is None:
+                raise ValueError("embed=True needs a discriminator built with contrastive")
             return logit, class_logits, (self.ctr_image(pooled), self.ctr_text(t_vec))
         return logit, class_logits
 

@@ -200,6 +200,8 @@ class TextEncoder:
                                f"{_ALTERNATIVES}")
         from flowercli import bert
 
+        # flowercli's own BERT or a transformers model: the two share only the calls made on them here.
+        model: Any
         try:
             if bert.supported(Path(path)):
                 # BERT/RoBERTa in plain torch: the same vectors without importing transformers (~2 s).

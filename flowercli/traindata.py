@@ -79,6 +79,7 @@ def load_train_data(cfg: TrainConfig, emb_path: Path, report: Reporter = Reporte
     sample_raw = torch.from_numpy(np.asarray(np.stack([emb.vectors[i, 0] for i in picks]), dtype=np.float32))
     names = None
     if cfg.name_mix > 0:
+        assert emb.name_vectors is not None  # _with_name_vectors found or embedded them, or raised
         names = torch.from_numpy(np.asarray(emb.name_vectors[np.array(classes) - 1], dtype=np.float32))
         names = (names - mean) / std
     return TrainData(
@@ -165,6 +166,7 @@ def make_batch(data: TrainData, idx: torch.Tensor, g: torch.Generator, gc: torch
     if data.name_mix > 0:
         # After the caption draw and from `gc` only: name_mix 0 draws nothing, so runs without it
         # are unchanged. The mismatch term pairs this (name) caption with an image of another class.
+        assert data.name_vectors is not None  # load_train_data sets them whenever name_mix > 0
         named = torch.rand(len(idx), generator=gc) < data.name_mix
         template = torch.randint(data.name_vectors.shape[1], (len(idx),), generator=gc)
         text = torch.where(named[:, None], data.name_vectors[data.labels[idx], template], text)
