@@ -70,8 +70,8 @@ def figures(report: dict[str, Any]) -> list[Figure]:
         return "training-class captions" if name == "train" else f"{name}-split captions"
 
     fid = report.get("fid") or {}
-    if _num(fid.get("value")) is not None:
-        out.append(Figure(f"FID, {side(split)}", "fid", _num(fid["value"]),
+    if (value := _num(fid.get("value"))) is not None:
+        out.append(Figure(f"FID, {side(split)}", "fid", value,
                           f"{_count(fid.get('n_generated'))} generated vs {_count(fid.get('n_real'))} real",
                           _num(_get(fid, "ceiling", "value")),
                           f"{_count(_get(fid, 'ceiling', 'n_a'))} vs {_count(_get(fid, 'ceiling', 'n_b'))} real"))
@@ -81,33 +81,33 @@ def figures(report: dict[str, Any]) -> list[Figure]:
         if not isinstance(group, dict):
             continue
         for k in ("top1", "top5"):
-            if _num(group.get(k)) is not None:
-                out.append(Figure(f"class {k[:3]}-{k[3:]}, {side(name)}", "accuracy", _num(group[k]),
+            if (value := _num(group.get(k))) is not None:
+                out.append(Figure(f"class {k[:3]}-{k[3:]}, {side(name)}", "accuracy", value,
                                   f"{_count(group.get('n'))} images", _num(_get(group, "ceiling", k)),
                                   f"{_count(_get(group, 'ceiling', 'n'))} real", percent=True))
     colour = report.get("colour") or {}
-    if _num(colour.get("agreement")) is not None:
-        out.append(Figure("colour agreement", "accuracy", _num(colour["agreement"]),
+    if (value := _num(colour.get("agreement"))) is not None:
+        out.append(Figure("colour agreement", "accuracy", value,
                           f"{_count(colour.get('n'))} images",
                           _num(_get(colour, "ceiling", "agreement")),
                           f"{_count(_get(colour, 'ceiling', 'n_images'))} real", percent=True))
     div = report.get("diversity") or {}
     for k in ("precision", "recall", "density", "coverage"):
-        if _num(div.get(k)) is not None:
-            out.append(Figure(f"{k} (k-NN, k = {div.get('k', '?')})", k, _num(div[k]),
+        if (value := _num(div.get(k))) is not None:
+            out.append(Figure(f"{k} (k-NN, k = {div.get('k', '?')})", k, value,
                               f"{_count(div.get('n_generated'))} generated vs {_count(div.get('n_real'))} real",
                               _num(_get(div, "ceiling", k)),
                               f"{_count(_get(div, 'ceiling', 'n_a'))} vs {_count(_get(div, 'ceiling', 'n_b'))} real"))
     within = div.get("within_prompt") or {}
-    if _num(_get(within, "features", "mean")) is not None:
-        out.append(Figure("within-prompt diversity (Inception features)", "diversity", _num(within["features"]["mean"]),
+    if (value := _num(_get(within, "features", "mean"))) is not None:
+        out.append(Figure("within-prompt diversity (Inception features)", "diversity", value,
                           f"{within.get('prompts', '?')} captions x {within.get('seeds', '?')} seeds",
                           _num(within.get("ceiling")), "real images"))
     names = report.get("species_names") or {}
     for group, words in (("unseen", "unseen species"), ("train", "training species")):
         g = names.get(group) or {}
-        if _num(g.get("top1")) is not None and g.get("n"):
-            out.append(Figure(f"species-name prompts, {words}, top-1", "accuracy", _num(g["top1"]),
+        if (value := _num(g.get("top1"))) is not None and g.get("n"):
+            out.append(Figure(f"species-name prompts, {words}, top-1", "accuracy", value,
                               f"{_count(g['n'])} images", _num(_get(g, "ceiling", "top1")),
                               f"{_count(_get(g, 'ceiling', 'n'))} real", percent=True))
     return out
@@ -199,8 +199,8 @@ def model_card(state: dict[str, Any], file_name: str, file_bytes: int | None = N
     enc = state.get("encoder") or {}
     data = state.get("data") or {}
     meta = state.get("meta") or {}
-    report = meta.get("eval") if isinstance(meta.get("eval"), dict) else None
-    training = meta.get("training") if isinstance(meta.get("training"), dict) else {}
+    report = evaluated if isinstance(evaluated := meta.get("eval"), dict) else None
+    training = recorded if isinstance(recorded := meta.get("training"), dict) else {}
     name = Path(file_name).stem
     figs = figures(report) if report else []
     split = _get(report, "protocol", "split") if report else None
@@ -276,8 +276,7 @@ def model_card(state: dict[str, Any], file_name: str, file_bytes: int | None = N
     if config.get("batch_size"):
         budget.append(f"batch {config['batch_size']}")
     lines += ["; ".join(budget) + "."]
-    if _num(training.get("cpu_seconds")) is not None:
-        cpu_s = _num(training["cpu_seconds"])
+    if (cpu_s := _num(training.get("cpu_seconds"))) is not None:
         wall = f", {_num(training['wall_seconds']):,.0f} s wall" if _num(training.get("wall_seconds")) else ""
         lines += [f"{cpu_s:,.0f} CPU-seconds ({cpu_s / 3600:.2f} CPU-hours){wall}."]
     else:
@@ -286,7 +285,7 @@ def model_card(state: dict[str, Any], file_name: str, file_bytes: int | None = N
 
     # Evaluation.
     lines += ["## Evaluation", ""]
-    if not figs:
+    if not figs or report is None:  # no report, no figures
         lines += ["No evaluation report was exported with this model. Measure it with "
                   f"`flowercli eval --checkpoint {file_name} --data-dir DATA` (the data it was trained on).", ""]
     else:

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flowercli.errors import FlowerError
 from flowercli.runreport import RunData, _num, curve, duration, sessions
+
+if TYPE_CHECKING:  # matplotlib is optional (the plots extra): imported where the PNG is drawn
+    from matplotlib.axes import Axes
 
 
 def plots_available() -> bool:
@@ -44,7 +47,7 @@ def plot_report(run: RunData, summary: dict[str, Any], out: Path) -> Path:
     fig = Figure(figsize=(14, 2.3 * len(panels) + 1.0), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(len(panels), 2, width_ratios=[1.25, 1])
-    axes = {}
+    axes: dict[str, Axes] = {}
     for i, name in enumerate(panels):
         axes[name] = fig.add_subplot(grid[i, 0], sharex=axes[panels[0]] if i else None)
 

@@ -143,8 +143,8 @@ def curve(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def summarise(run: RunData) -> dict[str, Any]:
     """The run's numbers under the stable keys of the module docstring (no files written)."""
-    cfg = run.config.get("config") if isinstance(run.config.get("config"), dict) else {}
-    enc = run.config.get("encoder") if isinstance(run.config.get("encoder"), dict) else {}
+    cfg = saved if isinstance(saved := run.config.get("config"), dict) else {}
+    enc = encoder if isinstance(encoder := run.config.get("encoder"), dict) else {}
     points = curve(run.log.records)
     last = points[-1] if points else {}
     wall = sum(_num(s[-1].get("time"), 0.0) for s in sessions(run.log.records))
@@ -159,6 +159,9 @@ def summarise(run: RunData) -> dict[str, Any]:
     if fid["best"] is not None and best_file.is_file():
         fid["best"]["checkpoint"] = str(best_file)
     newest = run.samples[-1] if run.samples else None
+    # Both lists hold only names their pattern matched (list_checkpoints, load_run).
+    latest_match = _CKPT_RE.match(ckpts[-1].name) if ckpts else None
+    newest_match = _SAMPLE_RE.match(newest.name) if newest else None
     return {
         "run": str(run.run_dir),
         "name": run.run_dir.resolve().name,
@@ -181,11 +184,11 @@ def summarise(run: RunData) -> dict[str, Any]:
         "losses": losses,
         "quick_fid": fid,
         "checkpoints": {"count": len(ckpts), "latest": str(ckpts[-1]) if ckpts else None,
-                        "latest_step": int(_CKPT_RE.match(ckpts[-1].name).group(1)) if ckpts else None,
+                        "latest_step": int(latest_match.group(1)) if latest_match else None,
                         "best": str(best_file) if best_file.is_file() else
                         (fid["best"] or {}).get("checkpoint")},
         "samples": {"count": len(run.samples), "newest": str(newest) if newest else None,
-                    "newest_epoch": int(_SAMPLE_RE.match(newest.name).group(1)) if newest else None},
+                    "newest_epoch": int(newest_match.group(1)) if newest_match else None},
         "captions": {"archive": enc.get("captions_archive"), "sha256": enc.get("captions_sha256")},
         "encoder": {"name": enc.get("encoder"), "dim": enc.get("dim"), "pooling": enc.get("pooling")},
     }
