@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -48,6 +48,10 @@ from flowercli.config import DataLayout, EvalConfig, TrainConfig
 from flowercli.errors import CheckpointError, DataError, InputError
 from flowercli.report import Reporter, Task
 from flowercli.traindata import TrainData
+
+if TYPE_CHECKING:  # both are imported where they are used
+    from flowercli.metrics.features import InceptionExtractor
+    from flowercli.models import Generator
 
 # Eval's protocol settings (seed, Inception precision, batch size, k of recall): the quick FID is the
 # same measurement on fewer images, so it takes them from the one place they are defined.
@@ -134,7 +138,7 @@ class QuickEval:
                                    image_ids=np.asarray(emb.image_ids, np.int64)[rows])
         find_inception(cfg.inception, self.layout.cache_dir, allow_download=PROTOCOL.allow_download,
                        reporter=self.report)
-        self.extractor = None
+        self.extractor: InceptionExtractor | None = None
         self.real: np.ndarray | None = None
         self.stats: dict[str, Any] = {}
         self.best = best_from_log(run_dir / "log.jsonl", step) if (self.ckpt_dir / BEST).is_file() else None
@@ -142,7 +146,7 @@ class QuickEval:
     def due(self, step: int, total_steps: int) -> bool:
         return step % self.cfg.eval_every == 0 or step == total_steps
 
-    def measure(self, G_ema: torch.nn.Module, step: int) -> Scores:
+    def measure(self, G_ema: Generator, step: int) -> Scores:
         """The quick FID and recall of G_ema's weights at `step`; G_ema is left exactly as it was."""
         from flowercli.generate import LoadedGenerator
         from flowercli.metrics.evaluate import SEED_OFFSETS
@@ -155,6 +159,7 @@ class QuickEval:
         t = time.perf_counter()
         if self.extractor is None:
             self._load()
+        assert self.real is not None  # _load sets it with the extractor
         G = copy.deepcopy(G_ema)
         recalibrate_batchnorm(G, calibration_batches(self.data, self.cfg, self.device))
         mcfg = self.cfg.model
@@ -251,7 +256,7 @@ def reconcile_best(run_dir: Path, step: int, report: Reporter = Reporter()) -> N
     kept = next((b for b in reversed(bests) if b["step"] <= step), None)  # = best_from_log(log, step)
     source = ckpt_dir / f"step-{kept['step']:07d}.pt" if kept else None
     try:
-        if source is not None and source.is_file():
+        if source is not None and kept is not None and source.is_file():  # a source only with a kept best
             if os.path.samefile(source, best_file):
                 return  # replaced by an earlier resume from here that logged nothing since
             link_checkpoint(source, BEST)
