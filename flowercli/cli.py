@@ -365,9 +365,10 @@ def eval_(
     reporter = RichReporter(quiet=quiet, verbose=verbose)
     generator = load_generator(ckpt, device, runs, sample_condition=sample_condition)
     reporter.debug(f"checkpoint {generator.checkpoint}")
-    cfg = EvalConfig(data_dir=data_dir, out_dir=run_dir / "eval", n=n, seed=seed, split=split,
+    out_dir = run_dir / "eval"
+    cfg = EvalConfig(data_dir=data_dir, out_dir=out_dir, n=n, seed=seed, split=split,
                      batch_size=batch_size, device=device, inception=inception)
-    clioutput.show_eval(evaluate(cfg, generator, reporter), as_json, reporter, cfg.out_dir)
+    clioutput.show_eval(evaluate(cfg, generator, reporter), as_json, reporter, out_dir)
 
 
 # --- end eval ---------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 
 from flowercli.cliutil import emit_json
 from flowercli.report import Reporter
@@ -127,8 +127,9 @@ def eval_table(report: dict):
     table = Table(title=f"flowercli eval: {split} split of a '{run['split_mode']}' run, {run['image_size']}px, "
                         f"step {run.get('step')}, captions {cap_data.get('archive', 'unknown')}",
                   title_justify="left", box=box.SIMPLE_HEAD)
-    for name, justify in (("metric", "left"), ("value", "right"), ("ceiling", "right"), ("N gen", "right"),
-                          ("N real", "right")):
+    columns: tuple[tuple[str, JustifyMethod], ...] = (("metric", "left"), ("value", "right"), ("ceiling", "right"),
+                                                      ("N gen", "right"), ("N real", "right"))
+    for name, justify in columns:
         table.add_column(name, justify=justify)
     unseen = " unseen" if acc.get(split, {}).get("unseen_classes") else ""
     table.add_row(f"FID ({split}{unseen})", num(fid["value"]), num(fid["ceiling"]["value"]),

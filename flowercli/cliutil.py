@@ -146,7 +146,9 @@ def run_and_checkpoint(run: str | None, checkpoint: Path | None, runs: Path, ask
     is given. checkpoint.resolve_run_checkpoint does it (imported here, not above: it imports torch)."""
     from flowercli.checkpoint import resolve_run_checkpoint
 
-    return resolve_run_checkpoint(run, checkpoint, runs, ask)
+    run_dir, ckpt = resolve_run_checkpoint(run, checkpoint, runs, ask)
+    assert run_dir is not None  # only the packaged fallback has no run folder, and with `ask` there is none
+    return run_dir, ckpt
 
 
 def eval_report_for(run_dir: Path, checkpoint: Path) -> dict | None:
@@ -190,7 +192,7 @@ def moved_flags_as_set(ctx: typer.Context, moved: dict[str, str], reporter: Repo
         word = words.pop(0)
         flag, has_value, value = word.partition("=")
         field = moved.get(flag)
-        negated = field is None and flag.startswith("--no-") and types.get(moved.get("--" + flag[5:])) is bool
+        negated = field is None and flag.startswith("--no-") and types.get(moved.get("--" + flag[5:], "")) is bool
         if negated:
             field = moved["--" + flag[5:]]
         if field is None:

@@ -177,7 +177,8 @@ def caption_file(layout: DataLayout, image_id: int, label: int) -> Path:
     return layout.text_c10 / f"class_{int(label):05d}" / f"image_{int(image_id):05d}.txt"
 
 
-def read_captions(layout: DataLayout, image_ids: Sequence[int], labels: Sequence[int]) -> list[list[str]]:
+def read_captions(layout: DataLayout, image_ids: Sequence[int] | np.ndarray,
+                  labels: Sequence[int] | np.ndarray) -> list[list[str]]:
     """The captions of each image as written (usually 10, a few images have fewer).
 
     `labels` runs parallel to `image_ids` (the class of each listed image: it names the folder).
