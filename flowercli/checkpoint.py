@@ -77,11 +77,11 @@ def export_generator(src: Path, dst: Path, meta: dict[str, Any] | None = None, h
     weights = {k: v.half() if half and v.is_floating_point() and v.numel() >= 1024 else v
                for k, v in state["G_ema"].items()}
     old_meta = state.get("meta", {})
-    out = {"schema_version": SCHEMA_VERSION, "flowercli_version": __version__,
-           **{k: state[k] for k in ("config", "step", "epoch", "encoder", "data") if k in state},
-           "G_ema": weights,
-           "meta": {**old_meta, "exported_from": old_meta.get("exported_from") or Path(src).name,
-                    "dtype": "float16" if half else "float32", **(meta or {})}}
+    out: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "flowercli_version": __version__,
+                            **{k: state[k] for k in ("config", "step", "epoch", "encoder", "data") if k in state},
+                            "G_ema": weights,
+                            "meta": {**old_meta, "exported_from": old_meta.get("exported_from") or Path(src).name,
+                                     "dtype": "float16" if half else "float32", **(meta or {})}}
     out = strip_paths(out)
     dst = Path(dst)
     try:
