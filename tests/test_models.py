@@ -159,7 +159,11 @@ def test_discriminator_embeds_for_the_contrastive_term():
     assert ei.shape == et.shape == (3, D.ctr_image.out_features) and logit.shape == (3,)
     # The extra heads do not change the logit.
     assert torch.allclose(D(x, t, torch.tensor([0, 1, 2]))[0], logit)
-    assert Discriminator(ModelConfig(text_dim=12, image_size=16, d_channels=8)).ctr_text is None
+    plain = Discriminator(ModelConfig(text_dim=12, image_size=16, d_channels=8)).eval()
+    assert plain.ctr_text is None
+    # Asking a discriminator without the heads for their vectors names what is missing.
+    with pytest.raises(ValueError, match="embed=True needs a discriminator built with contrastive"):
+        plain(torch.randn(2, 3, 16, 16), torch.randn(2, 12), embed=True)
 
 
 def test_ma_gp_matches_manual_gradient():
