@@ -8,7 +8,8 @@ gradients are averaged across ranks (distributed.py).
 
 The helpers live beside the code they share: devices and precision in device.py, the config in
 runconfig.py, the data and batches in traindata.py, seeds in rng.py, the run lock in fsutil.py;
-the quick FID and best.pt (`eval_every`) in quickeval.py, TensorBoard (`tensorboard`) in tblog.py.
+the quick FID and best.pt (`eval_every`) in quickeval.py, TensorBoard (`tensorboard`) in tblog.py,
+the log.jsonl lines, img/s and the progress display in trainlog.py.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from flowercli.errors import CheckpointError, DataError, FlowerError, InputError
 from flowercli.fsutil import StopFlag, atomic_write, nearest_existing, run_lock
 from flowercli.losses import Objective, ema_decay, ema_update
 from flowercli.models import Discriminator, Generator, count_parameters, recalibrate_batchnorm
-from flowercli.quickeval import QuickEval, Scores, reconcile_best
+from flowercli.quickeval import QuickEval, reconcile_best
 from flowercli.quickeval import check_config as check_quick_eval
 from flowercli.report import Reporter
 from flowercli.rng import rng_states, set_rng_states, step_generator
@@ -68,6 +69,7 @@ from flowercli.traindata import (
     load_train_data,
     make_batch,
 )
+from flowercli.trainlog import TrainLog
 
 SAMPLE_NOISE = 8  # columns of the sample grid (its rows: traindata.SAMPLE_PROMPTS)
 
@@ -140,8 +142,8 @@ def train(cfg: TrainConfig, report: Reporter = Reporter()) -> TrainResult:
             nets.D.train()
             with report.task(f"Training {cfg.run}", total=total_steps) as task, tensorboard_log(
                     run_dir, is_main and cfg.tensorboard, {"G": nets.opt_G, "D": nets.opt_D}, step) as tb:
-                log = _Log(run_dir / "log.jsonl", task, report, step, steps_per_epoch, total_steps,
-                           images_per_step=cfg.batch_size * world, tb=tb)
+                log = TrainLog(run_dir / "log.jsonl", task, report, step, steps_per_epoch, total_steps,
+                               images_per_step=cfg.batch_size * world, tb=tb)
                 task.advance(step)
                 while step < total_steps:
                     epoch, i = divmod(step, steps_per_epoch)
@@ -313,58 +315,6 @@ def _write_run_files(run_dir: Path, cfg: TrainConfig, data: TrainData, nets: Net
          "parameters": {"G": count_parameters(nets.G), "D": count_parameters(nets.D)}}, indent=2).encode()))
     (run_dir / "samples").mkdir(exist_ok=True)
     (run_dir / "samples" / "prompts.txt").write_text("\n".join(data.sample_captions) + "\n")
-
-
-class _Log:
-    """Rank 0's log.jsonl lines (and their TensorBoard copy), the progress display, and every 30 s
-    (and at the end) a debug echo.
-
-    `time` is wall-clock time since this process started training; img/s counts the training alone:
-    the quick evals, sample grids and checkpoints run `paused()`, so the rate does not dip at each.
-    """
-
-    def __init__(self, path: Path, task, report: Reporter, step0: int, steps_per_epoch: int, total_steps: int,
-                 images_per_step: int, tb=None):
-        self.path, self.task, self.report, self.tb = path, task, report, tb
-        self.step0, self.steps_per_epoch, self.total_steps = step0, steps_per_epoch, total_steps
-        self.images_per_step = images_per_step
-        self.t0 = self.t_echo = time.time()
-        self.paused_seconds = 0.0
-
-    def seconds(self) -> float:
-        return time.time() - self.t0
-
-    @contextlib.contextmanager
-    def paused(self):
-        """Time spent inside is not training time (it still counts in `seconds`)."""
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.paused_seconds += time.perf_counter() - t
-
-    def images_per_second(self, step: int) -> float:
-        """Training throughput since this process started training (a resumed run counts from its
-        resume), without the time spent `paused()`."""
-        return (step - self.step0) * self.images_per_step / max(self.seconds() - self.paused_seconds, 1e-9)
-
-    def write(self, step: int, stats: dict[str, torch.Tensor], scores: Scores | None = None) -> None:
-        rate = self.images_per_second(step)
-        values = {k: round(v.item(), 5) for k, v in stats.items()}
-        record = {"step": step, "epoch": step / self.steps_per_epoch, **values, "img_per_s": round(rate, 1),
-                  "time": round(self.seconds(), 2), **(scores.fields if scores else {})}
-        write_jsonl(self.path, record)
-        if self.tb:
-            self.tb.record(step, record)
-        self.task.update(loss_d=values["loss_d"], loss_g=values["loss_g"], img_s=round(rate, 1))
-        if time.time() - self.t_echo > 30 or step == self.total_steps:
-            self.report.debug(json.dumps(record))
-            self.t_echo = time.time()
-
-
-def write_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def _save_samples(G_ema: Generator, data: TrainData, cfg: TrainConfig, device: torch.device, run_dir: Path,

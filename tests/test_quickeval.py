@@ -144,17 +144,17 @@ def test_resumed_run_reads_its_best_back(tmp_path, data, tiny_net):
 
 
 def test_img_per_s_counts_training_not_the_quick_evals(tmp_path, data, tiny_net, monkeypatch):
-    """A step "takes" 0.5 s and a quick eval 100 s on a clock the test moves (the trainer's own clock:
-    real sleeps would make the figures depend on the machine's load)."""
-    import time
+    """A step "takes" 0.5 s and a quick eval 100 s on a clock the test moves (the training log's own
+    clock: real sleeps would make the figures depend on the machine's load)."""
     import types
 
     import flowercli.train as train_mod
+    import flowercli.trainlog as trainlog_mod
     from flowercli.quickeval import QuickEval
 
     now = [1_000.0]
-    clock = types.SimpleNamespace(time=lambda: now[0], perf_counter=lambda: now[0], strftime=time.strftime)
-    monkeypatch.setattr(train_mod, "time", clock)
+    clock = types.SimpleNamespace(time=lambda: now[0], perf_counter=lambda: now[0])
+    monkeypatch.setattr(trainlog_mod, "time", clock)
     run_step, measure = train_mod.run_step, QuickEval.measure
 
     def step(*a, **k):

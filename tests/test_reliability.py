@@ -107,14 +107,14 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, embedded_dir, trained_ru
 
 
 def test_disk_full_while_writing_the_training_log(tmp_path, embedded_dir, trained_runs, monkeypatch):
-    import flowercli.train as train_mod
+    import flowercli.trainlog as trainlog_mod
 
     runs = copy_runs(trained_runs, tmp_path)
 
     def full(path, record):
         raise ENOSPC
 
-    monkeypatch.setattr(train_mod, "write_jsonl", full)
+    monkeypatch.setattr(trainlog_mod, "write_jsonl", full)
     line = one_error_line(runner.invoke(app, train_args(embedded_dir, runs, "--max-steps", "3", "--resume")))
     assert "No space left on device" in line
     assert load_checkpoint(runs / "r" / "checkpoints" / "latest.pt")["step"] == 2
