@@ -103,21 +103,10 @@ def download_cmd(
 # --- end download -----------------------------------------------------------------------------
 
 # --- embed ------------------------------------------------------------------------------------
-from enum import Enum  # noqa: E402  (kept inside this section: sections are edited independently)
-
+from flowercli.cliutil import Pooling, VectorDtype  # noqa: E402  (kept inside this section: sections are edited independently)
 from flowercli.config import EmbedConfig  # noqa: E402  (stdlib only: cheap)
 
 _EMBED = EmbedConfig(data_dir=Path("."))  # the defaults
-
-
-class _Pooling(str, Enum):
-    mean = "mean"
-    cls = "cls"
-
-
-class _VectorDtype(str, Enum):
-    float16 = "float16"
-    float32 = "float32"
 
 
 @app.command("embed")
@@ -127,11 +116,11 @@ def embed_cmd(
         _EMBED.encoder, "--encoder", "-e",
         help="Hugging Face model id, a local model folder, or 'minilm' (packaged all-MiniLM-L6-v2, 384-d, offline).",
     ),
-    pooling: _Pooling = typer.Option(_Pooling(_EMBED.pooling), "--pooling", help="mean: over non-padding tokens; cls: first token."),
+    pooling: Pooling = typer.Option(Pooling(_EMBED.pooling), "--pooling", help="mean: over non-padding tokens; cls: first token."),
     batch_size: int = typer.Option(_EMBED.batch_size, "--batch-size", "-b", min=1, help="Captions per forward pass."),
     device: str = typer.Option(_EMBED.device, "--device", help="auto, cpu, cuda or cuda:N."),
     max_length: int = typer.Option(_EMBED.max_length, "--max-length", min=2, help="Longest caption in tokens; longer ones are cut (warned)."),
-    dtype: _VectorDtype = typer.Option(_VectorDtype(_EMBED.dtype), "--dtype", help="Storage precision of the vectors."),
+    dtype: VectorDtype = typer.Option(VectorDtype(_EMBED.dtype), "--dtype", help="Storage precision of the vectors."),
     normalise: bool = typer.Option(_EMBED.normalise, "--normalise", help="L2-normalise each caption vector."),
     data_dir: Path | None = DataDirOpt,
     quiet: bool = QuietOpt,

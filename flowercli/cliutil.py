@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,20 @@ def eval_report_for(run_dir: Path, checkpoint: Path) -> dict | None:
     if isinstance(run, dict) and Path(str(run.get("checkpoint", ""))).name == checkpoint.name:
         return report
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# `embed`'s choices: Typer lists an Enum's values in --help and refuses any other value (exit 2).
+
+
+class Pooling(str, Enum):
+    mean = "mean"
+    cls = "cls"
+
+
+class VectorDtype(str, Enum):
+    float16 = "float16"
+    float32 = "float32"
 
 
 # ---------------------------------------------------------------------------------------------
