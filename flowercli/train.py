@@ -98,16 +98,17 @@ def train(cfg: TrainConfig, report: Reporter = Reporter()) -> TrainResult:
     autocast_dtype = resolve_precision(cfg.precision, device)
     adam, threads = resolve_adam(cfg.adam, device), resolve_threads(cfg.threads)
     cfg = _named_and_checked(cfg)
-    run_dir = Path(cfg.runs_dir) / cfg.run
+    assert cfg.run is not None and cfg.embeddings is not None  # _named_and_checked fills both in
+    run_dir, emb_path = Path(cfg.runs_dir) / cfg.run, cfg.embeddings
     ckpt_dir = run_dir / "checkpoints"
     created = _make_run_dir(run_dir)
     try:
         with run_lock(run_dir) if is_main else contextlib.nullcontext(), StopFlag() as stop, torch_threads(threads):
             # Resume: the newest readable checkpoint, with a config and data that agree on everything frozen.
             cfg, state = _resume_or_start(cfg, run_dir, ckpt_dir, is_main, report)
-            data = load_train_data(cfg, cfg.embeddings, report)
+            data = load_train_data(cfg, emb_path, report)  # the resume keeps the embeddings file
             if state is not None:
-                _check_same_data(state, data, cfg.embeddings)
+                _check_same_data(state, data, emb_path)
             cfg = replace(cfg, model=replace(cfg.model, text_dim=data.vectors.shape[-1], n_classes=len(data.classes)))
 
             # Models and optimisers. Same seed on every rank, so the replicas start identical.
@@ -137,7 +138,7 @@ def train(cfg: TrainConfig, report: Reporter = Reporter()) -> TrainResult:
 
             # The loop: each rank takes its slice of the epoch's order; rank 0 logs, samples and saves.
             last_ckpt = None
-            order_epoch, order = -1, None
+            order_epoch, order = -1, torch.empty(0, dtype=torch.int64)  # replaced at the first step
             nets.G.train()
             nets.D.train()
             with report.task(f"Training {cfg.run}", total=total_steps) as task, tensorboard_log(
@@ -160,7 +161,7 @@ def train(cfg: TrainConfig, report: Reporter = Reporter()) -> TrainResult:
                     end_of_epoch = step % steps_per_epoch == 0
                     due = quick is not None and quick.due(step, total_steps) and not stop_now
                     with log.paused():
-                        scores = quick.measure(nets.G_ema, step) if due else None
+                        scores = quick.measure(nets.G_ema, step) if due and quick is not None else None
                     if is_main and end_of_epoch and ((step // steps_per_epoch) % cfg.sample_every == 0
                                                      or step == total_steps):
                         with log.paused():
@@ -176,7 +177,7 @@ def train(cfg: TrainConfig, report: Reporter = Reporter()) -> TrainResult:
                         with log.paused():
                             saved = _checkpoint_state(nets, data, cfg, device, step, step // steps_per_epoch)
                             last_ckpt = save_checkpoint(saved, ckpt_dir, cfg.keep)
-                    if scores:
+                    if scores and quick is not None:  # scores come from `quick` alone
                         quick.keep_best(scores, last_ckpt)
                     if stop_now:
                         raise Interrupted(f"stopped by {signal.Signals(stop_now).name} at step {step}; checkpoint "
@@ -380,7 +381,8 @@ def build_nets(mcfg: ModelConfig, cfg: TrainConfig, device: torch.device, channe
     G_ema.load_state_dict(G.state_dict())
     G_ema.requires_grad_(False)
     if channels_last:
-        G, D, G_ema = (m.to(memory_format=torch.channels_last) for m in (G, D, G_ema))
+        # Module.to takes memory_format at run time; torch's overloads leave it out.
+        G, D, G_ema = (m.to(memory_format=torch.channels_last) for m in (G, D, G_ema))  # type: ignore[call-overload]
     opt_G = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2), **adam_flags(adam))
     opt_D = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2), **adam_flags(adam))
     return Nets(G, D, G_ema, opt_G, opt_D)
