@@ -44,7 +44,7 @@ def show_embed(path: Path, as_json: bool) -> None:
     if not as_json:
         typer.echo(str(path))
         return
-    from flowercli.data import read_embeddings_attrs  # imports h5py
+    from flowercli.embeddings import read_embeddings_attrs  # imports h5py
 
     attrs = read_embeddings_attrs(path)
     emit_json({"path": str(path), **{k: attrs.get(k) for k in EMBED_JSON_KEYS}})

@@ -119,13 +119,14 @@ class QuickEval:
 
     def __init__(self, cfg: TrainConfig, data: TrainData, run_dir: Path, device: torch.device, step: int,
                  report: Reporter = Reporter()):
-        from flowercli.data import open_embeddings
+        from flowercli.embeddings import open_embeddings
         from flowercli.metrics.evaluate import split_masks
         from flowercli.metrics.features import find_inception
 
         self.cfg, self.data, self.device, self.report = cfg, data, device, _Lines(report)
         self.layout = DataLayout(cfg.data_dir)
         self.ckpt_dir = run_dir / "checkpoints"
+        assert cfg.embeddings is not None  # train names the file before it builds the quick eval
         emb = open_embeddings(cfg.embeddings)
         self.mode, _, held = split_masks(emb, data.split)
         rows = np.flatnonzero(held)
@@ -216,8 +217,11 @@ class QuickEval:
 def best_from_log(path: Path, step: int) -> dict[str, Any] | None:
     """The newest `best` log.jsonl records at or before `step` (a resume from an older checkpoint
     retrains the steps after it), or None."""
-    bests = [b for b in _logged_bests(path) if b["step"] <= step]
-    return bests[-1] if bests else None
+    return _best_up_to(_logged_bests(path), step)
+
+
+def _best_up_to(bests: list[dict[str, Any]], step: int) -> dict[str, Any] | None:
+    return next((b for b in reversed(bests) if b["step"] <= step), None)
 
 
 def _logged_bests(path: Path) -> list[dict[str, Any]]:
@@ -253,7 +257,7 @@ def reconcile_best(run_dir: Path, step: int, report: Reporter = Reporter()) -> N
     if not best_file.is_file() or not bests or bests[-1]["step"] <= step:
         return  # the log does not know what best.pt holds, or it holds a step that is kept
     later = bests[-1]["step"]
-    kept = next((b for b in reversed(bests) if b["step"] <= step), None)  # = best_from_log(log, step)
+    kept = _best_up_to(bests, step)  # what best_from_log gives the quick evals to come
     source = ckpt_dir / f"step-{kept['step']:07d}.pt" if kept else None
     try:
         if source is not None and kept is not None and source.is_file():  # a source only with a kept best

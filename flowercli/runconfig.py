@@ -44,9 +44,10 @@ def build_config(recipe: str, data_dir: Path, runs_dir: Path, run: str | None, r
         if run is None:  # the run saved last, found as generate and eval find it
             from flowercli.checkpoint import resolve_run_checkpoint
 
-            _, newest = resolve_run_checkpoint(None, None, runs_dir, none_found=(
+            newest, _ = resolve_run_checkpoint(None, None, runs_dir, none_found=(
                 f"--resume: no run with checkpoints under {runs_dir}; name one with --run"))
-            run = newest.parent.parent.name  # <runs>/<run>/checkpoints/step-N.pt
+            assert newest is not None  # without a fallback it finds a run or raises
+            run = newest.name
         path = Path(runs_dir) / run / "config.json"
         if path.is_file():
             try:

@@ -44,12 +44,12 @@ class TrainLog:
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
-        """Time spent inside is not training time (it still counts in `seconds`)."""
-        t = time.perf_counter()
+        """Time spent inside is not training time (it still counts in `seconds`, on the same clock)."""
+        t = time.time()
         try:
             yield
         finally:
-            self.paused_seconds += time.perf_counter() - t
+            self.paused_seconds += time.time() - t
 
     def images_per_second(self, step: int) -> float:
         """Training throughput since this process started training (a resumed run counts from its
