@@ -25,6 +25,19 @@ def split_answer(clf, feats: np.ndarray, truth: np.ndarray, unseen: np.ndarray) 
             "most_predicted": collections.Counter(top1.tolist()).most_common(5)}
 
 
+def report_summary(r: dict) -> dict:
+    """The figures of one `flowercli eval` report the experiments print, one JSON line each."""
+    ca, div = r["class_accuracy"], r.get("diversity") or {}
+    return {"fid": round(r["fid"]["value"], 1), "n": r["fid"]["n_generated"],
+            "unseen_top1_top5": [ca["test"]["top1"], ca["test"]["top5"]],
+            "train_class_top1_top5": [ca["train"]["top1"], ca["train"]["top5"]], "n_other": ca["train"]["n"],
+            "colour": r["colour"]["agreement"],
+            "names_train_top1": r["species_names"]["train"]["top1"] if r.get("species_names") else None,
+            "precision_recall": [div.get("precision"), div.get("recall")],
+            "within_prompt_features_pixels": [div["within_prompt"][x]["mean"] for x in ("features", "pixels")]
+            if div.get("within_prompt") else None}
+
+
 def tokens(caption: str) -> list[str]:
     w = re.findall(r"[a-z]+(?:-[a-z]+)*", caption.lower())
     return w + [a + " " + b for a, b in zip(w, w[1:])]

@@ -23,6 +23,8 @@ import json
 import time
 from pathlib import Path
 
+from common import report_summary
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,11 +55,7 @@ def main() -> None:
         out = Path(args.out) / f"psi{psi}"
         out.mkdir(parents=True, exist_ok=True)
         r = evaluate(EvalConfig(data_dir=Path(args.data_dir), out_dir=out, n=args.n, n_other=args.n_other), gen)
-        ca = r["class_accuracy"]
-        print(json.dumps({"psi": psi, "fid": round(r["fid"]["value"], 1), "n": args.n,
-                          "unseen_top1_top5": [ca["test"]["top1"], ca["test"]["top5"]],
-                          "train_class_top1_top5": [ca["train"]["top1"], ca["train"]["top5"]], "n_other": args.n_other,
-                          "colour": r["colour"]["agreement"], "seconds": round(time.perf_counter() - t0)}), flush=True)
+        print(json.dumps({"psi": psi, **report_summary(r), "seconds": round(time.perf_counter() - t0)}), flush=True)
 
 
 if __name__ == "__main__":
