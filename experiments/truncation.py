@@ -12,8 +12,12 @@ question is answered by measurement before any option is added:
     python experiments/truncation.py --checkpoint R/ship3/checkpoints/step-0007587.pt --data-dir D \
         --n 1024 --n-other 512 --psi 1.0,0.6,0.3
 
-Prints one line per psi (FID, class accuracy, colour agreement, seconds) and writes each report
-under --out/psi<psi>/.
+With `--scale condition` psi scales only the noise of a conditioning-augmentation generator's
+sampled condition (z unscaled): between the caption's mean condition (psi 0) and the sampled one
+(psi 1). docs/EXPERIMENTS.md, "The packaged generator with the mean condition, and in between".
+
+Prints one line per psi (FID, class accuracy, colour agreement, diversity, seconds) and writes
+each report under --out/psi<psi>/.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1024)
     p.add_argument("--n-other", type=int, default=512)
     p.add_argument("--psi", default="1.0,0.6,0.3")
+    p.add_argument("--scale", choices=("z", "condition"), default="z",
+                   help="what psi scales: the noise z (the condition stays the caption's mean), or only the "
+                        "sampled condition's noise (z unscaled; needs a conditioning-augmentation generator)")
     args = p.parse_args()
 
     from flowercli.config import EvalConfig
@@ -45,17 +52,20 @@ def main() -> None:
 
         def noise(self, seeds):
             z, eps = super().noise(seeds)
+            if args.scale == "condition":
+                return z, None if eps is None else eps * self.psi
             return z * self.psi, eps
 
-    loaded = load_generator(Path(args.checkpoint), "cpu")
-    gen = Truncated(**{f: getattr(loaded, f) for f in ("G", "meta", "checkpoint", "device")})
+    loaded = load_generator(Path(args.checkpoint), "cpu", sample_condition=True if args.scale == "condition" else None)
+    gen = Truncated(**{f: getattr(loaded, f) for f in ("G", "meta", "checkpoint", "device", "sample_condition")})
     for psi in (float(x) for x in args.psi.split(",")):
         t0 = time.perf_counter()
         gen.psi = psi
         out = Path(args.out) / f"psi{psi}"
         out.mkdir(parents=True, exist_ok=True)
         r = evaluate(EvalConfig(data_dir=Path(args.data_dir), out_dir=out, n=args.n, n_other=args.n_other), gen)
-        print(json.dumps({"psi": psi, **report_summary(r), "seconds": round(time.perf_counter() - t0)}), flush=True)
+        seconds = round(time.perf_counter() - t0)
+        print(json.dumps({"psi": psi, "scale": args.scale, **report_summary(r), "seconds": seconds}), flush=True)
 
 
 if __name__ == "__main__":
