@@ -8,7 +8,11 @@ the import path and `from common import ...` needs no path set-up.
 from __future__ import annotations
 
 import collections
+import json
 import re
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 
@@ -36,6 +40,22 @@ def report_summary(r: dict) -> dict:
             "precision_recall": [div.get("precision"), div.get("recall")],
             "within_prompt_features_pixels": [div["within_prompt"][x]["mean"] for x in ("features", "pixels")]
             if div.get("within_prompt") else None}
+
+
+def evaluate_each(gen, values: Iterable, apply: Callable, name: str, args, extra: dict | None = None) -> None:
+    """For each value: `apply(value)` to the generator, run the eval protocol (`args.n`, `args.n_other`)
+    with its report under `args.out`/<name><value>/, print one JSON line of the figures."""
+    from flowercli.config import EvalConfig
+    from flowercli.metrics.evaluate import evaluate
+
+    for value in values:
+        t0 = time.perf_counter()
+        apply(value)
+        out = Path(args.out) / f"{name}{value}"
+        out.mkdir(parents=True, exist_ok=True)
+        r = evaluate(EvalConfig(data_dir=Path(args.data_dir), out_dir=out, n=args.n, n_other=args.n_other), gen)
+        print(json.dumps({name: value, **(extra or {}), **report_summary(r),
+                          "seconds": round(time.perf_counter() - t0)}), flush=True)
 
 
 def tokens(caption: str) -> list[str]:

@@ -16,14 +16,12 @@ Runs the `flowercli eval` protocol (`-n`, `--n-other` as given) once per K and p
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import report_summary
+from common import evaluate_each
 
 SEED_STRIDE = 1_000_003  # candidate j of seed s draws from seed s + j * SEED_STRIDE
 
@@ -40,10 +38,8 @@ def main() -> None:
     args = p.parse_args()
 
     from flowercli.checkpoint import load_checkpoint
-    from flowercli.config import EvalConfig
     from flowercli.generate import LoadedGenerator, load_generator
     from flowercli.images import to_uint8
-    from flowercli.metrics.evaluate import evaluate
     from flowercli.models import Discriminator
 
     class BestOfK(LoadedGenerator):
@@ -79,14 +75,7 @@ def main() -> None:
     D.eval()
     gen = BestOfK(**{f: getattr(loaded, f) for f in ("G", "meta", "checkpoint", "device", "sample_condition")})
     gen.D = D
-    for k in (int(x) for x in args.k.split(",")):
-        t0 = time.perf_counter()
-        gen.k = k
-        out = Path(args.out) / f"k{k}"
-        out.mkdir(parents=True, exist_ok=True)
-        r = evaluate(EvalConfig(data_dir=Path(args.data_dir), out_dir=out, n=args.n, n_other=args.n_other), gen)
-        print(json.dumps({"k": k, **report_summary(r), "seconds": round(time.perf_counter() - t0)}), flush=True)
-
+    evaluate_each(gen, [int(x) for x in args.k.split(",")], lambda k: setattr(gen, "k", k), "k", args)
 
 if __name__ == "__main__":
     main()

@@ -23,11 +23,9 @@ each report under --out/psi<psi>/.
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
-from common import report_summary
+from common import evaluate_each
 
 
 def main() -> None:
@@ -43,9 +41,7 @@ def main() -> None:
                         "sampled condition's noise (z unscaled; needs a conditioning-augmentation generator)")
     args = p.parse_args()
 
-    from flowercli.config import EvalConfig
     from flowercli.generate import LoadedGenerator, load_generator
-    from flowercli.metrics.evaluate import evaluate
 
     class Truncated(LoadedGenerator):
         psi: float = 1.0
@@ -58,15 +54,8 @@ def main() -> None:
 
     loaded = load_generator(Path(args.checkpoint), "cpu", sample_condition=True if args.scale == "condition" else None)
     gen = Truncated(**{f: getattr(loaded, f) for f in ("G", "meta", "checkpoint", "device", "sample_condition")})
-    for psi in (float(x) for x in args.psi.split(",")):
-        t0 = time.perf_counter()
-        gen.psi = psi
-        out = Path(args.out) / f"psi{psi}"
-        out.mkdir(parents=True, exist_ok=True)
-        r = evaluate(EvalConfig(data_dir=Path(args.data_dir), out_dir=out, n=args.n, n_other=args.n_other), gen)
-        seconds = round(time.perf_counter() - t0)
-        print(json.dumps({"psi": psi, "scale": args.scale, **report_summary(r), "seconds": seconds}), flush=True)
-
+    evaluate_each(gen, [float(x) for x in args.psi.split(",")], lambda psi: setattr(gen, "psi", psi), "psi", args,
+                  {"scale": args.scale})
 
 if __name__ == "__main__":
     main()
